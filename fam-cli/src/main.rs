@@ -1,0 +1,254 @@
+//! `fam-cli`: run, validate and inspect FAM pipelines. A thin layer over `fam-core`.
+//!
+//! Exit codes: 0 everything succeeded; 1 the run finished but some items failed;
+//! 2 the pipeline could not run (bad file, missing plugin, model error).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Mutex;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fam_core::pipeline::LoadedPipeline;
+use fam_core::plugin::PluginHost;
+use fam_core::run::{Progress, RunOptions};
+use fam_core::FamError;
+
+#[derive(Parser)]
+#[command(
+    name = "fam-cli",
+    version,
+    about = "Explain CNN embedding models with FAM (Feature Activation Maps)"
+)]
+struct Cli {
+    /// More logging (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    /// Extra folder to search for plugin libraries (repeatable).
+    #[arg(long = "plugin-dir", global = true)]
+    plugin_dirs: Vec<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline and write its explanations.
+    Run {
+        pipeline: PathBuf,
+        /// Override the pipeline's device: cpu, cuda or cuda:N.
+        #[arg(long)]
+        device: Option<String>,
+        /// Override the pipeline's output folder.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Print the run report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a pipeline without loading any model; reports every problem at once.
+    Validate {
+        pipeline: PathBuf,
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// List the plugins found, their versions and the kinds they provide.
+    Plugins {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert a PyTorch checkpoint (zip or legacy .pth) to safetensors.
+    Convert { input: PathBuf, output: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let default = match (quiet, verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run {
+            pipeline,
+            device,
+            output,
+            json,
+        } => {
+            let p = LoadedPipeline::load(&pipeline)?;
+            let mut dirs = cli.plugin_dirs.clone();
+            dirs.extend(p.pipeline.run.plugin_dirs.iter().cloned());
+            let mut host = PluginHost::new(&dirs);
+            let progress = Bars::new(cli.quiet);
+            let report = fam_core::run::run_pipeline(
+                &p,
+                &mut host,
+                &RunOptions { device, output },
+                &progress,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                eprintln!(
+                    "{} of {} items explained, {} files in {} ({:.0} ms; forward {:.0} ms, FAM {:.1} ms, render {:.0} ms)",
+                    report.items_ok,
+                    report.items_total,
+                    report.files_written,
+                    report.output.display(),
+                    report.timings_ms.total,
+                    report.timings_ms.forward,
+                    report.timings_ms.fam,
+                    report.timings_ms.render,
+                );
+                for f in &report.failures {
+                    eprintln!("failed: {}: {}", f.item, f.error);
+                }
+            }
+            Ok(if report.failures.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Validate { pipeline, device } => {
+            let p = LoadedPipeline::load(&pipeline)?;
+            let mut dirs = cli.plugin_dirs.clone();
+            dirs.extend(p.pipeline.run.plugin_dirs.iter().cloned());
+            let mut host = PluginHost::new(&dirs);
+            let problems = p.validate(&mut host, device.as_deref());
+            if problems.is_empty() {
+                println!("{}: ok", pipeline.display());
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Err(FamError::Validation {
+                    path: pipeline,
+                    problems,
+                }
+                .into())
+            }
+        }
+        Command::Plugins { json } => {
+            let mut host = PluginHost::new(&cli.plugin_dirs);
+            let found = host.discover();
+            if json {
+                let items: Vec<_> = found
+                    .iter()
+                    .map(|(path, r)| match r {
+                        Ok(info) => serde_json::to_value(info).unwrap_or_default(),
+                        Err(e) => serde_json::json!({"path": path, "error": e.to_string()}),
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&items)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            if found.is_empty() {
+                println!(
+                    "no plugins found in: {}",
+                    host.search_dirs()
+                        .iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            for (path, r) in found {
+                match r {
+                    Ok(info) => {
+                        println!("{} {}  ({})", info.name, info.version, path.display());
+                        for (what, kinds) in [
+                            ("backbone", &info.backbones),
+                            ("similarity", &info.similarities),
+                            ("renderer", &info.renderers),
+                        ] {
+                            for (kind, desc) in kinds {
+                                println!("  {what:<10} {kind:<14} {desc}");
+                            }
+                        }
+                    }
+                    Err(e) => println!("{}: error: {e}", path.display()),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Convert { input, output } => {
+            let sd = fam_core::weights::load_state_dict(&input)?;
+            fam_core::weights::save_safetensors(&sd, &output)
+                .with_context(|| format!("writing {}", output.display()))?;
+            println!(
+                "{}: {} tensors written to {}",
+                input.display(),
+                sd.len(),
+                output.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// indicatif progress bars for the run's stages (hidden when stderr is not a terminal).
+struct Bars {
+    quiet: bool,
+    bar: Mutex<Option<indicatif::ProgressBar>>,
+}
+
+impl Bars {
+    fn new(quiet: bool) -> Self {
+        Self {
+            quiet,
+            bar: Mutex::new(None),
+        }
+    }
+}
+
+impl Progress for Bars {
+    fn stage(&self, name: &str, total: u64) {
+        if self.quiet {
+            return;
+        }
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>10} [{bar:30}] {pos}/{len} images ({per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message(name.to_string());
+        *self.bar.lock().unwrap_or_else(|e| e.into_inner()) = Some(bar);
+    }
+    fn advance(&self, n: u64) {
+        if let Some(b) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            b.inc(n);
+        }
+    }
+    fn finish_stage(&self) {
+        if let Some(b) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            b.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The one error type of fam. Every message names the file, the field or the value at fault.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout fam.
+pub type Result<T, E = FamError> = std::result::Result<T, E>;
+
+/// One problem found while validating a pipeline. Validation collects all of them before
+/// anything runs, so the user fixes a file in one round.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Problem {
+    /// Dotted path of the field, e.g. `backbone.layer` or `task.pairs[1].b`.
+    pub field: String,
+    /// What is wrong, naming the bad value.
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FamError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: cannot decode image: {message}")]
+    Image { path: PathBuf, message: String },
+
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+
+    #[error("{path}: {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Validation {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+
+    #[error("plugin {path}: {message}")]
+    Plugin { path: PathBuf, message: String },
+
+    #[error("plugin {path} was built for {what} {plugin}, but this fam-cli has {host}; rebuild the plugin against this fam-core")]
+    PluginMismatch {
+        path: PathBuf,
+        what: &'static str,
+        plugin: String,
+        host: String,
+    },
+
+    #[error("plugin `{plugin}` panicked in {method}: {message}")]
+    PluginPanic {
+        plugin: String,
+        method: String,
+        message: String,
+    },
+
+    #[error("no {what} named `{name}`{}", if available.is_empty() { String::new() } else { format!(" (available: {})", available.join(", ")) })]
+    UnknownKind {
+        what: &'static str,
+        name: String,
+        available: Vec<String>,
+    },
+
+    #[error("{path}: weights: {message}")]
+    Weights { path: PathBuf, message: String },
+
+    #[error("{context}: {source}")]
+    Candle {
+        context: String,
+        #[source]
+        source: candle_core::Error,
+    },
+
+    #[error("{0}")]
+    Invalid(String),
+
+    #[error("device `{0}` is not available: {1}")]
+    Device(String, String),
+
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl FamError {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::Invalid(message.into())
+    }
+
+    pub fn weights(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Self::Weights {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<candle_core::Error> for FamError {
+    fn from(source: candle_core::Error) -> Self {
+        Self::Candle {
+            context: "tensor operation".into(),
+            source,
+        }
+    }
+}
+
+/// Adds a human context to candle errors: `t.matmul(&w).ctx("map for pair 3")?`.
+pub trait CandleContext<T> {
+    fn ctx(self, context: impl std::fmt::Display) -> Result<T>;
+}
+
+impl<T> CandleContext<T> for std::result::Result<T, candle_core::Error> {
+    fn ctx(self, context: impl std::fmt::Display) -> Result<T> {
+        self.map_err(|source| FamError::Candle {
+            context: context.to_string(),
+            source,
+        })
+    }
+}

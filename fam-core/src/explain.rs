@@ -1,0 +1,365 @@
+//! The FAM algorithm (DESIGN.md sections 1.1 and 1.2) and the explanation records that
+//! renderers consume.
+//!
+//! ```text
+//! w_k   = c_k / sum_j |c_j|            contribution weights (or the gradient, or 1/C)
+//! M     = ReLU( sum_k w_k A^k )        h x w raw map
+//! M_up  = bilinear(M, H x W)           half-pixel centres (align_corners = false)
+//! M_vis = (M_up - min) / (max - min)   an all-zero map stays zero
+//! ```
+
+use std::path::PathBuf;
+
+use candle_core::Tensor;
+
+use crate::error::{CandleContext, FamError, Result};
+use crate::traits::Similarity;
+
+/// How channel weights are derived from the similarity (DESIGN.md section 1.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Weighting {
+    /// FAM: `w_k = c_k / sum_j |c_j|`.
+    #[default]
+    Contribution,
+    /// Closed-form Grad-CAM with the similarity as target: `w_k = ds/de_k`.
+    Gradient,
+    /// Plain mean activation: `w_k = 1/C`.
+    Activation,
+}
+
+impl Weighting {
+    pub const ALL: [&'static str; 3] = ["contribution", "gradient", "activation"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Weighting::Contribution => "contribution",
+            Weighting::Gradient => "gradient",
+            Weighting::Activation => "activation",
+        }
+    }
+}
+
+/// Channel weights for explaining `e` with respect to `r`.
+pub fn channel_weights(
+    similarity: &dyn Similarity,
+    weighting: Weighting,
+    e: &[f32],
+    r: &[f32],
+) -> Result<Vec<f32>> {
+    if e.len() != r.len() {
+        return Err(FamError::invalid(format!(
+            "embeddings have different sizes: {} and {}",
+            e.len(),
+            r.len()
+        )));
+    }
+    let weights = match weighting {
+        Weighting::Contribution => {
+            let c = similarity.contributions(e, r)?;
+            check_len("contributions", &c, e.len())?;
+            normalize_contributions(&c)
+        }
+        Weighting::Gradient => {
+            let g = similarity.gradient(e, r)?;
+            check_len("gradient", &g, e.len())?;
+            g
+        }
+        Weighting::Activation => vec![1.0 / e.len().max(1) as f32; e.len()],
+    };
+    if let Some(k) = weights.iter().position(|w| !w.is_finite()) {
+        return Err(FamError::invalid(format!(
+            "{} weight of channel {k} is {} (non-finite); the embeddings hold NaN or infinite values",
+            weighting.as_str(),
+            weights[k]
+        )));
+    }
+    Ok(weights)
+}
+
+fn check_len(what: &str, v: &[f32], expected: usize) -> Result<()> {
+    if v.len() != expected {
+        return Err(FamError::invalid(format!(
+            "similarity returned {} {what} for an embedding of {expected} channels",
+            v.len()
+        )));
+    }
+    Ok(())
+}
+
+/// `w_k = c_k / sum_j |c_j|`; all zeros stay zeros.
+pub fn normalize_contributions(c: &[f32]) -> Vec<f32> {
+    let denom: f32 = c.iter().map(|x| x.abs()).sum();
+    if denom == 0.0 || !denom.is_finite() {
+        return vec![0.0; c.len()];
+    }
+    c.iter().map(|x| x / denom).collect()
+}
+
+/// Computes FAM maps for a batch of `P` explained items at once.
+///
+/// `maps` is `[P, C, h, w]` (the feature maps of each explained image, already gathered),
+/// `weights` is `[P, C]`. Returns `(raw [P, h, w], upsampled [P, H, W])`, both on the maps'
+/// device. One matrix product and one bilinear resize for the whole batch.
+pub fn fam_maps(
+    maps: &Tensor,
+    weights: &Tensor,
+    out_h: usize,
+    out_w: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (p, c, h, w) = maps.dims4().ctx("feature maps must be [P, C, h, w]")?;
+    let (pw, cw) = weights.dims2().ctx("weights must be [P, C]")?;
+    if (pw, cw) != (p, c) {
+        return Err(FamError::invalid(format!(
+            "weights are {pw}x{cw} but the feature maps have {p} items of {c} channels"
+        )));
+    }
+    let a = maps.reshape((p, c, h * w)).ctx("flatten feature maps")?;
+    let weights = weights.to_dtype(maps.dtype())?.unsqueeze(1)?;
+    let raw = weights
+        .matmul(&a)
+        .ctx("weighted sum of activation maps")?
+        .relu()?
+        .reshape((p, 1, h, w))?;
+    let up = raw
+        .upsample_bilinear2d(out_h, out_w, false)
+        .ctx("bilinear upsampling of maps")?;
+    Ok((raw.squeeze(1)?, up.squeeze(1)?))
+}
+
+/// A 2-D map in row-major order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Map2 {
+    pub height: usize,
+    pub width: usize,
+    pub data: Vec<f32>,
+}
+
+impl Map2 {
+    pub fn new(height: usize, width: usize, data: Vec<f32>) -> Result<Self> {
+        if data.len() != height * width {
+            return Err(FamError::invalid(format!(
+                "map of {height}x{width} needs {} values, got {}",
+                height * width,
+                data.len()
+            )));
+        }
+        Ok(Self {
+            height,
+            width,
+            data,
+        })
+    }
+
+    /// Splits a `[P, h, w]` tensor into `P` maps (one device-to-host copy).
+    pub fn from_batch(t: &Tensor) -> Result<Vec<Map2>> {
+        let (p, h, w) = t.dims3()?;
+        let flat: Vec<f32> = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        Ok((0..p)
+            .map(|i| Map2 {
+                height: h,
+                width: w,
+                data: flat[i * h * w..(i + 1) * h * w].to_vec(),
+            })
+            .collect())
+    }
+
+    pub fn max(&self) -> f32 {
+        self.data.iter().copied().fold(f32::MIN, f32::max)
+    }
+
+    /// Min-max normalized copy in [0, 1]; a constant map becomes all zeros.
+    pub fn normalized(&self) -> Vec<f32> {
+        min_max(&self.data)
+    }
+}
+
+/// `(x - min) / (max - min)`; a constant input (an all-zero map included) gives zeros.
+pub fn min_max(values: &[f32]) -> Vec<f32> {
+    let (lo, hi) = values
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        });
+    let span = hi - lo;
+    if span.is_nan() || span <= 0.0 || span.is_infinite() {
+        return vec![0.0; values.len()];
+    }
+    values.iter().map(|v| (v - lo) / span).collect()
+}
+
+/// A FAM map at feature resolution and at the model's input resolution.
+#[derive(Debug, Clone)]
+pub struct SaliencyMap {
+    pub raw: Map2,
+    pub upsampled: Map2,
+}
+
+/// An 8-bit RGB image in row-major order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rgb8 {
+    pub width: u32,
+    pub height: u32,
+    pub data: Vec<u8>,
+}
+
+/// One decoded input image as the model saw it (after resize and crop).
+#[derive(Debug, Clone)]
+pub struct ImageRecord {
+    /// A short, file-name-safe id derived from the file name, unique within the run.
+    pub id: String,
+    pub source: PathBuf,
+    pub view: Rgb8,
+}
+
+/// One side of a comparison: an image (with its map) or an abstract reference such as a
+/// class prototype.
+#[derive(Debug, Clone)]
+pub struct Side {
+    pub label: String,
+    /// Index into [`Explanation::images`].
+    pub image: Option<usize>,
+    /// This side's map with respect to the other side.
+    pub map: Option<SaliencyMap>,
+}
+
+/// One scored, explained comparison between a query and a reference.
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    pub id: String,
+    pub query: Side,
+    pub reference: Side,
+    pub score: f32,
+    pub distance: Option<f32>,
+}
+
+/// Facts about the run that renderers print beside the maps.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunInfo {
+    pub task: String,
+    pub backbone: String,
+    pub similarity: String,
+    pub weighting: String,
+    /// How inputs were prepared, e.g. `resize 256, center crop 224`.
+    pub preprocessing: String,
+}
+
+/// Everything a renderer needs.
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    pub info: RunInfo,
+    pub images: Vec<ImageRecord>,
+    pub comparisons: Vec<Comparison>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    struct Dot;
+    impl Similarity for Dot {
+        fn name(&self) -> String {
+            "dot".into()
+        }
+        fn score(&self, e: &[f32], r: &[f32]) -> Result<f32> {
+            Ok(e.iter().zip(r).map(|(a, b)| a * b).sum())
+        }
+        fn contributions(&self, e: &[f32], r: &[f32]) -> Result<Vec<f32>> {
+            Ok(e.iter().zip(r).map(|(a, b)| a * b).collect())
+        }
+        fn gradient(&self, _e: &[f32], r: &[f32]) -> Result<Vec<f32>> {
+            Ok(r.to_vec())
+        }
+    }
+
+    #[test]
+    fn contribution_weights_are_scale_free_and_signed() {
+        let w = channel_weights(
+            &Dot,
+            Weighting::Contribution,
+            &[1.0, 2.0, 3.0],
+            &[2.0, -1.0, 1.0],
+        )
+        .unwrap();
+        // c = [2, -2, 3], sum |c| = 7
+        assert_eq!(w, vec![2.0 / 7.0, -2.0 / 7.0, 3.0 / 7.0]);
+        let w = channel_weights(&Dot, Weighting::Activation, &[1.0, 2.0], &[0.0, 0.0]).unwrap();
+        assert_eq!(w, vec![0.5, 0.5]);
+        let w = channel_weights(&Dot, Weighting::Contribution, &[0.0, 0.0], &[1.0, 1.0]).unwrap();
+        assert_eq!(w, vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn mismatched_and_nan_embeddings_are_errors() {
+        let err = channel_weights(&Dot, Weighting::Gradient, &[1.0], &[1.0, 2.0]).unwrap_err();
+        assert!(
+            err.to_string().contains("different sizes: 1 and 2"),
+            "{err}"
+        );
+        let err = channel_weights(&Dot, Weighting::Gradient, &[1.0], &[f32::NAN]).unwrap_err();
+        assert!(err.to_string().contains("non-finite"), "{err}");
+    }
+
+    #[test]
+    fn map_matches_hand_computation() {
+        // Two channels of 2x2; weights [0.5, -0.25]:
+        // A0 = [[1, 2], [3, 4]], A1 = [[4, 0], [0, 8]]
+        // 0.5*A0 - 0.25*A1 = [[-0.5, 1], [1.5, 0]] -> ReLU -> [[0, 1], [1.5, 0]]
+        let dev = Device::Cpu;
+        let maps = Tensor::new(&[[[[1f32, 2.], [3., 4.]], [[4., 0.], [0., 8.]]]], &dev).unwrap();
+        let w = Tensor::new(&[[0.5f32, -0.25]], &dev).unwrap();
+        let (raw, up) = fam_maps(&maps, &w, 4, 4).unwrap();
+        let raw = Map2::from_batch(&raw).unwrap();
+        assert_eq!(raw[0].data, vec![0.0, 1.0, 1.5, 0.0]);
+        // Bilinear with half-pixel centres, 2 -> 4: output pixel i samples source
+        // (i + 0.5) / 2 - 0.5 = [-0.25, 0.25, 0.75, 1.25], clamped to [0, 1].
+        // Row 0 (source row 0 only): [0, 0.25, 0.75, 1].
+        // Row 1 (source y = 0.25): 0.75*row0 + 0.25*row1, row1 = [1.5, 1.125, 0.375, 0].
+        let up = Map2::from_batch(&up).unwrap();
+        let expect_row0 = [0.0, 0.25, 0.75, 1.0];
+        let row1 = [1.5, 1.125, 0.375, 0.0];
+        for x in 0..4 {
+            assert!((up[0].data[x] - expect_row0[x]).abs() < 1e-6);
+            let e = 0.75 * expect_row0[x] + 0.25 * row1[x];
+            assert!(
+                (up[0].data[4 + x] - e).abs() < 1e-6,
+                "{x}: {}",
+                up[0].data[4 + x]
+            );
+            assert!((up[0].data[12 + x] - row1[x]).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn min_max_handles_constant_maps() {
+        assert_eq!(min_max(&[0.0, 0.0, 0.0]), vec![0.0; 3]);
+        assert_eq!(min_max(&[1.0, 3.0, 2.0]), vec![0.0, 1.0, 0.5]);
+        assert_eq!(min_max(&[]), Vec::<f32>::new());
+    }
+
+    #[test]
+    fn batched_maps_equal_one_by_one() {
+        let dev = Device::Cpu;
+        let maps = Tensor::rand(0f32, 1., (3, 5, 4, 3), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1., (3, 5), &dev).unwrap();
+        let (raw, _) = fam_maps(&maps, &w, 8, 6).unwrap();
+        let all = Map2::from_batch(&raw).unwrap();
+        for (i, all_i) in all.iter().enumerate() {
+            let (r1, _) = fam_maps(
+                &maps.narrow(0, i, 1).unwrap(),
+                &w.narrow(0, i, 1).unwrap(),
+                8,
+                6,
+            )
+            .unwrap();
+            let one = Map2::from_batch(&r1).unwrap();
+            for (a, b) in all_i.data.iter().zip(&one[0].data) {
+                assert!((a - b).abs() < 1e-5);
+            }
+        }
+    }
+}

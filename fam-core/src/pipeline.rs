@@ -1,0 +1,532 @@
+//! Pipeline files (DESIGN.md section 4): the TOML schema, loading, and validation that
+//! reports every problem at once before any model is loaded.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{FamError, Problem, Result};
+use crate::explain::Weighting;
+use crate::plugin::{BackboneConfig, Options, PluginHost};
+use crate::traits::{InputSpec, ResizePolicy};
+
+/// A whole pipeline file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pipeline {
+    pub run: RunSection,
+    pub backbone: BackboneSection,
+    pub similarity: PluginRef,
+    #[serde(default)]
+    pub explain: ExplainSection,
+    pub task: TaskSection,
+    /// Overrides of the backbone's own input pipeline.
+    #[serde(default)]
+    pub preprocess: Option<PreprocessSection>,
+    #[serde(default)]
+    pub render: Vec<PluginRef>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Output folder (relative to the pipeline file).
+    pub output: PathBuf,
+    /// Extra folders searched for plugin libraries (relative to the pipeline file).
+    #[serde(default)]
+    pub plugin_dirs: Vec<PathBuf>,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+fn default_batch_size() -> usize {
+    16
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackboneSection {
+    pub plugin: String,
+    pub kind: String,
+    #[serde(default)]
+    pub weights: Option<PathBuf>,
+    #[serde(default)]
+    pub layer: Option<String>,
+    /// Checked by the plugin itself.
+    #[serde(default)]
+    pub options: Options,
+}
+
+/// A plugin-provided object: `plugin`, `kind`, and options checked by the plugin.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PluginRef {
+    pub plugin: String,
+    pub kind: String,
+    #[serde(flatten)]
+    pub options: Options,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExplainSection {
+    #[serde(default)]
+    pub weighting: Weighting,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreprocessSection {
+    /// Shorter side after resizing (with `crop`).
+    pub resize: Option<u32>,
+    /// Square center crop (with `resize`).
+    pub crop: Option<u32>,
+    /// Exact input width and height (instead of resize + crop).
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub mean: Option<[f32; 3]>,
+    pub std: Option<[f32; 3]>,
+}
+
+impl PreprocessSection {
+    /// Applies these overrides to a backbone's own input spec.
+    pub fn apply(&self, mut spec: InputSpec) -> InputSpec {
+        match (self.resize, self.crop, self.width, self.height) {
+            (Some(resize), Some(crop), _, _) => {
+                spec.resize = ResizePolicy::ResizeCrop { resize, crop }
+            }
+            (Some(resize), None, _, _) => {
+                let crop = match spec.resize {
+                    ResizePolicy::ResizeCrop { crop, .. } => crop.min(resize),
+                    ResizePolicy::Exact { width, .. } => width.min(resize),
+                };
+                spec.resize = ResizePolicy::ResizeCrop { resize, crop }
+            }
+            (None, Some(crop), _, _) => {
+                spec.resize = ResizePolicy::ResizeCrop { resize: crop, crop }
+            }
+            (None, None, Some(width), Some(height)) => {
+                spec.resize = ResizePolicy::Exact { width, height }
+            }
+            _ => {}
+        }
+        if let Some(m) = self.mean {
+            spec.mean = m;
+        }
+        if let Some(s) = self.std {
+            spec.std = s;
+        }
+        spec
+    }
+
+    fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        for (name, v) in [
+            ("resize", self.resize),
+            ("crop", self.crop),
+            ("width", self.width),
+            ("height", self.height),
+        ] {
+            if let Some(v) = v {
+                if v == 0 || v > 4096 {
+                    out.push(Problem::new(
+                        format!("preprocess.{name}"),
+                        format!("{v} is not a usable size (1 to 4096)"),
+                    ));
+                }
+            }
+        }
+        if let (Some(r), Some(c)) = (self.resize, self.crop) {
+            if c > r {
+                out.push(Problem::new(
+                    "preprocess.crop",
+                    format!("crop {c} is larger than the resized shorter side {r}"),
+                ));
+            }
+        }
+        if (self.width.is_some() != self.height.is_some())
+            || (self.width.is_some() && (self.resize.is_some() || self.crop.is_some()))
+        {
+            out.push(Problem::new(
+                "preprocess",
+                "give either `resize`/`crop` or both `width` and `height`",
+            ));
+        }
+        if let Some(s) = self.std {
+            if s.iter().any(|v| *v == 0.0 || !v.is_finite()) {
+                out.push(Problem::new(
+                    "preprocess.std",
+                    format!("{s:?} has a zero or non-finite value"),
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// What to explain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TaskSection {
+    /// Explicit pairs of images: one score and two maps per pair.
+    Pair { pairs: Vec<PairSpec> },
+}
+
+impl TaskSection {
+    pub fn name(&self) -> &'static str {
+        match self {
+            TaskSection::Pair { .. } => "pair",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairSpec {
+    pub a: PathBuf,
+    pub b: PathBuf,
+}
+
+/// A parsed pipeline with its paths resolved against the pipeline file's folder.
+#[derive(Debug, Clone)]
+pub struct LoadedPipeline {
+    pub path: PathBuf,
+    pub pipeline: Pipeline,
+}
+
+impl LoadedPipeline {
+    /// Reads and parses a pipeline file; relative paths become relative to its folder.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| FamError::io(path, e))?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses pipeline text as if it were the file at `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Self> {
+        let mut pipeline: Pipeline = toml::from_str(text).map_err(|e| FamError::Config {
+            path: path.to_path_buf(),
+            message: describe_toml_error(&e),
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut pipeline.run.output);
+        pipeline.run.plugin_dirs.iter_mut().for_each(fix);
+        if let Some(w) = pipeline.backbone.weights.as_mut() {
+            fix(w);
+        }
+        match &mut pipeline.task {
+            TaskSection::Pair { pairs } => {
+                for p in pairs {
+                    fix(&mut p.a);
+                    fix(&mut p.b);
+                }
+            }
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            pipeline,
+        })
+    }
+
+    pub fn backbone_config(&self) -> BackboneConfig {
+        let b = &self.pipeline.backbone;
+        BackboneConfig {
+            kind: b.kind.clone(),
+            weights: b.weights.clone(),
+            layer: b.layer.clone(),
+            options: b.options.clone(),
+        }
+    }
+
+    /// Names of the plugins this pipeline uses, in order, without repeats.
+    pub fn plugin_names(&self) -> Vec<String> {
+        let p = &self.pipeline;
+        let mut names = vec![p.backbone.plugin.clone(), p.similarity.plugin.clone()];
+        names.extend(p.render.iter().map(|r| r.plugin.clone()));
+        let mut seen = std::collections::HashSet::new();
+        names.retain(|n| seen.insert(n.clone()));
+        names
+    }
+
+    /// Loads the plugins the pipeline names and checks everything that can be checked
+    /// without loading a model. Returns every problem found, not just the first.
+    pub fn validate(&self, host: &mut PluginHost, device_override: Option<&str>) -> Vec<Problem> {
+        let p = &self.pipeline;
+        let mut problems = Vec::new();
+
+        let device = device_override.unwrap_or(&p.run.device);
+        if let Err(e) = crate::device::parse_device_name(device) {
+            problems.push(Problem::new("run.device", e));
+        }
+        if p.run.batch_size == 0 || p.run.batch_size > 4096 {
+            problems.push(Problem::new(
+                "run.batch_size",
+                format!("{} is out of range (1 to 4096)", p.run.batch_size),
+            ));
+        }
+        for (i, d) in p.run.plugin_dirs.iter().enumerate() {
+            if !d.is_dir() {
+                problems.push(Problem::new(
+                    format!("run.plugin_dirs[{i}]"),
+                    format!("{} is not a folder", d.display()),
+                ));
+            }
+        }
+
+        for name in self.plugin_names() {
+            if let Err(e) = host.load(&name) {
+                problems.push(Problem::new("plugin", e.to_string()));
+            }
+        }
+
+        let bcfg = self.backbone_config();
+        if let Some(w) = &bcfg.weights {
+            if !w.is_file() {
+                problems.push(Problem::new(
+                    "backbone.weights",
+                    format!("{} does not exist", w.display()),
+                ));
+            }
+        }
+        if host.plugins().any(|i| i.name == p.backbone.plugin) {
+            match host.backbone(&p.backbone.plugin, &p.backbone.kind) {
+                Ok(entry) => problems.extend(prefix("backbone", entry.validate(&bcfg))),
+                Err(e) => problems.push(Problem::new("backbone.kind", e.to_string())),
+            }
+        }
+        if host.plugins().any(|i| i.name == p.similarity.plugin) {
+            match host.similarity(&p.similarity.plugin, &p.similarity.kind) {
+                Ok(entry) => {
+                    problems.extend(prefix("similarity", entry.validate(&p.similarity.options)))
+                }
+                Err(e) => problems.push(Problem::new("similarity.kind", e.to_string())),
+            }
+        }
+        for (i, r) in p.render.iter().enumerate() {
+            if host.plugins().any(|info| info.name == r.plugin) {
+                match host.renderer(&r.plugin, &r.kind) {
+                    Ok(entry) => {
+                        problems.extend(prefix(&format!("render[{i}]"), entry.validate(&r.options)))
+                    }
+                    Err(e) => {
+                        problems.push(Problem::new(format!("render[{i}].kind"), e.to_string()))
+                    }
+                }
+            }
+        }
+        if p.render.is_empty() {
+            problems.push(Problem::new(
+                "render",
+                "no [[render]] entries: the run would write nothing but its manifest",
+            ));
+        }
+
+        if let Some(pre) = &p.preprocess {
+            problems.extend(pre.problems());
+        }
+
+        match &p.task {
+            TaskSection::Pair { pairs } => {
+                if pairs.is_empty() {
+                    problems.push(Problem::new("task.pairs", "no pairs given"));
+                }
+                for (i, pair) in pairs.iter().enumerate() {
+                    for (side, path) in [("a", &pair.a), ("b", &pair.b)] {
+                        if !path.is_file() {
+                            problems.push(Problem::new(
+                                format!("task.pairs[{i}].{side}"),
+                                format!("{} does not exist", path.display()),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        problems
+    }
+}
+
+fn prefix(section: &str, problems: Vec<Problem>) -> Vec<Problem> {
+    problems
+        .into_iter()
+        .map(|mut p| {
+            p.field = if p.field.is_empty() {
+                section.to_string()
+            } else {
+                format!("{section}.{}", p.field)
+            };
+            p
+        })
+        .collect()
+}
+
+/// toml's message already points at the line and column; add a suggestion for a misspelled
+/// key when serde lists the expected ones.
+fn describe_toml_error(e: &toml::de::Error) -> String {
+    let msg = e.to_string();
+    let Some(rest) = msg.split("unknown field `").nth(1) else {
+        return msg;
+    };
+    let bad = rest.split('`').next().unwrap_or_default();
+    let expected: Vec<&str> = rest
+        .split("expected ")
+        .nth(1)
+        .map(|s| s.split('`').skip(1).step_by(2).collect())
+        .unwrap_or_default();
+    match closest(bad, &expected) {
+        Some(best) => format!("{}\n  did you mean `{best}`?", msg.trim_end()),
+        None => msg,
+    }
+}
+
+/// The closest candidate by edit distance, if any is close enough to be a typo.
+pub fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (levenshtein(word, c), *c))
+        .filter(|(d, c)| *d <= (c.len().max(word.len()) / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[run]
+output = "out"
+[backbone]
+plugin = "retrieval"
+kind = "mobilenet_v2"
+weights = "w.safetensors"
+layer = "features.18"
+[similarity]
+plugin = "metrics"
+kind = "cosine"
+[task]
+kind = "pair"
+pairs = [{ a = "x.png", b = "/abs/y.png" }]
+[[render]]
+plugin = "render"
+kind = "overlay"
+alpha = 0.4
+"#;
+
+    #[test]
+    fn parses_and_resolves_paths_against_the_file() {
+        let p = LoadedPipeline::parse(Path::new("/p/pipe.toml"), GOOD).unwrap();
+        assert_eq!(p.pipeline.run.output, PathBuf::from("/p/out"));
+        assert_eq!(p.pipeline.run.batch_size, 16);
+        assert_eq!(p.pipeline.run.device, "cpu");
+        let TaskSection::Pair { pairs } = &p.pipeline.task;
+        assert_eq!(pairs[0].a, PathBuf::from("/p/x.png"));
+        assert_eq!(pairs[0].b, PathBuf::from("/abs/y.png"));
+        assert_eq!(p.pipeline.render[0].options["alpha"].as_float(), Some(0.4));
+        assert_eq!(p.plugin_names(), vec!["retrieval", "metrics", "render"]);
+    }
+
+    #[test]
+    fn misspelled_keys_are_errors_with_a_suggestion_and_a_line() {
+        let bad = GOOD.replace("weights =", "wieghts =");
+        let err = LoadedPipeline::parse(Path::new("p.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `wieghts`"), "{err}");
+        assert!(err.contains("did you mean `weights`?"), "{err}");
+        assert!(err.contains("line 7"), "{err}");
+        assert!(err.starts_with("p.toml: "), "{err}");
+    }
+
+    #[test]
+    fn unknown_task_kind_is_an_error() {
+        let bad = GOOD.replace("kind = \"pair\"", "kind = \"pear\"");
+        let err = LoadedPipeline::parse(Path::new("p.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pear"), "{err}");
+    }
+
+    #[test]
+    fn validation_reports_every_problem_at_once() {
+        let bad = GOOD
+            .replace(
+                "output = \"out\"",
+                "output = \"out\"\nbatch_size = 0\ndevice = \"tpu\"",
+            )
+            .replace("plugin = \"metrics\"", "plugin = \"no_such_plugin\"");
+        let p = LoadedPipeline::parse(Path::new("/nonexistent/p.toml"), &bad).unwrap();
+        let mut host = PluginHost::default();
+        let problems = p.validate(&mut host, None);
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        for f in [
+            "run.device",
+            "run.batch_size",
+            "plugin",
+            "backbone.weights",
+            "task.pairs[0].a",
+        ] {
+            assert!(fields.contains(&f), "{f} missing from {problems:#?}");
+        }
+    }
+
+    #[test]
+    fn closest_finds_typos_only() {
+        assert_eq!(closest("wieghts", &["weights", "layer"]), Some("weights"));
+        assert_eq!(closest("zzz", &["weights", "layer"]), None);
+    }
+
+    #[test]
+    fn preprocess_overrides_apply() {
+        let pre = PreprocessSection {
+            resize: Some(160),
+            crop: Some(128),
+            width: None,
+            height: None,
+            mean: None,
+            std: Some([0.5; 3]),
+        };
+        let s = pre.apply(InputSpec::imagenet());
+        assert_eq!(
+            s.resize,
+            ResizePolicy::ResizeCrop {
+                resize: 160,
+                crop: 128
+            }
+        );
+        assert_eq!(s.std, [0.5; 3]);
+        let bad = PreprocessSection {
+            crop: Some(300),
+            ..pre
+        };
+        assert_eq!(bad.problems()[0].field, "preprocess.crop");
+    }
+}

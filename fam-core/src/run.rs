@@ -1,0 +1,468 @@
+//! Running a pipeline: plugins → images → forward passes (once per image, batched) →
+//! similarity contributions → FAM maps (batched) → renderers → `manifest.json`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{CandleContext, FamError, Result};
+use crate::explain::{
+    channel_weights, fam_maps, Comparison, Explanation, ImageRecord, Map2, RunInfo, SaliencyMap,
+    Side,
+};
+use crate::output::{safe_stem, write_atomic, OutputDir};
+use crate::pipeline::{LoadedPipeline, TaskSection};
+use crate::plugin::PluginHost;
+use crate::preprocess::{self, Prepared};
+use crate::traits::{Backbone, InputSpec, Renderer, Similarity};
+
+/// Progress reporting; the CLI draws bars, a library user may ignore it.
+pub trait Progress: Sync {
+    fn stage(&self, _name: &str, _total: u64) {}
+    fn advance(&self, _n: u64) {}
+    fn finish_stage(&self) {}
+}
+
+/// A progress sink that shows nothing.
+#[derive(Debug, Default)]
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// An item that could not be completed, with the reason.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failure {
+    pub item: String,
+    pub error: String,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunReport {
+    pub output: PathBuf,
+    pub items_total: usize,
+    pub items_ok: usize,
+    pub failures: Vec<Failure>,
+    pub files_written: usize,
+    pub timings_ms: Timings,
+}
+
+/// Wall time of each stage, in milliseconds.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timings {
+    pub load_models: f64,
+    pub decode_preprocess: f64,
+    pub forward: f64,
+    pub fam: f64,
+    pub render: f64,
+    pub total: f64,
+}
+
+/// Options that override the pipeline from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub device: Option<String>,
+    pub output: Option<PathBuf>,
+}
+
+/// The objects a pipeline needs, created from its plugins. Creating them loads the model.
+pub struct Session {
+    pub backbone: Box<dyn Backbone>,
+    pub similarity: Box<dyn Similarity>,
+    pub renderers: Vec<Box<dyn Renderer>>,
+    pub spec: InputSpec,
+    pub device: Device,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Session({})", self.backbone.describe())
+    }
+}
+
+impl Session {
+    /// Validates the pipeline (every problem at once), then loads the model and plugins.
+    pub fn open(p: &LoadedPipeline, host: &mut PluginHost, opts: &RunOptions) -> Result<Self> {
+        let problems = p.validate(host, opts.device.as_deref());
+        if !problems.is_empty() {
+            return Err(FamError::Validation {
+                path: p.path.clone(),
+                problems,
+            });
+        }
+        let pl = &p.pipeline;
+        let device = crate::device::open_device(opts.device.as_deref().unwrap_or(&pl.run.device))?;
+        let backbone = host
+            .backbone(&pl.backbone.plugin, &pl.backbone.kind)?
+            .create(&p.backbone_config(), &device)?;
+        let similarity = host
+            .similarity(&pl.similarity.plugin, &pl.similarity.kind)?
+            .create(&pl.similarity.options)?;
+        let renderers = pl
+            .render
+            .iter()
+            .map(|r| host.renderer(&r.plugin, &r.kind)?.create(&r.options))
+            .collect::<Result<Vec<_>>>()?;
+        let mut spec = backbone.input_spec();
+        if let Some(pre) = &pl.preprocess {
+            spec = pre.apply(spec);
+        }
+        Ok(Self {
+            backbone,
+            similarity,
+            renderers,
+            spec,
+            device,
+        })
+    }
+}
+
+/// Embeddings and feature maps of a set of images, each computed once.
+#[derive(Debug)]
+pub struct Embedded {
+    /// Per input image: its index into `maps`/`embeddings`, or the error that stopped it.
+    pub slot: Vec<std::result::Result<usize, String>>,
+    pub views: Vec<Prepared>,
+    /// `[N, C, h, w]` on the backbone's device, for the N images that succeeded.
+    pub maps: Option<Tensor>,
+    pub embeddings: Vec<Vec<f32>>,
+}
+
+/// Decodes, preprocesses and embeds `paths` in batches of `batch_size`. A file that cannot
+/// be read is reported in `slot` and the others go on.
+pub fn embed_images(
+    backbone: &dyn Backbone,
+    spec: &InputSpec,
+    paths: &[PathBuf],
+    batch_size: usize,
+    progress: &dyn Progress,
+    timings: &mut Timings,
+) -> Result<Embedded> {
+    let t0 = Instant::now();
+    let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+    let prepared = preprocess::prepare_files(&refs, spec);
+    timings.decode_preprocess += ms(t0);
+
+    let mut slot = Vec::with_capacity(paths.len());
+    let mut views = Vec::new();
+    for (path, r) in paths.iter().zip(prepared) {
+        match r {
+            Ok(p) => {
+                slot.push(Ok(views.len()));
+                views.push(p);
+            }
+            Err(e) => {
+                tracing::warn!(image = %path.display(), error = %e, "skipping image");
+                slot.push(Err(e.to_string()));
+            }
+        }
+    }
+
+    let t1 = Instant::now();
+    progress.stage("forward", views.len() as u64);
+    let device = backbone.device();
+    let mut maps = Vec::new();
+    let mut embeddings = Vec::with_capacity(views.len());
+    for chunk in views.chunks(batch_size.max(1)) {
+        let items: Vec<&Prepared> = chunk.iter().collect();
+        let batch = preprocess::batch_tensor(&items, &device)?;
+        let f = backbone.forward(&batch)?;
+        let (b, c, _, _) = f
+            .maps
+            .dims4()
+            .ctx("backbone feature maps must be [B, C, h, w]")?;
+        let (be, ce) = f
+            .embeddings
+            .dims2()
+            .ctx("backbone embeddings must be [B, C]")?;
+        if b != chunk.len() || be != b || ce != c {
+            return Err(FamError::invalid(format!(
+                "backbone returned maps {:?} and embeddings {:?} for a batch of {}",
+                f.maps.dims(),
+                f.embeddings.dims(),
+                chunk.len()
+            )));
+        }
+        embeddings.extend(
+            f.embeddings
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec2::<f32>()
+                .ctx("copy embeddings to host")?,
+        );
+        maps.push(f.maps);
+        progress.advance(chunk.len() as u64);
+    }
+    progress.finish_stage();
+    let maps = if maps.is_empty() {
+        None
+    } else {
+        Some(Tensor::cat(&maps, 0).ctx("concatenate feature maps")?)
+    };
+    timings.forward += ms(t1);
+    Ok(Embedded {
+        slot,
+        views,
+        maps,
+        embeddings,
+    })
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// One map to compute: explain image `image` with respect to embedding `reference`.
+struct MapJob {
+    image: usize,
+    weights: Vec<f32>,
+}
+
+/// Computes all maps in one batched pass: gathers the explained images' feature maps and
+/// applies their channel weights.
+fn compute_maps(maps: &Tensor, jobs: &[MapJob], size: (usize, usize)) -> Result<Vec<SaliencyMap>> {
+    if jobs.is_empty() {
+        return Ok(vec![]);
+    }
+    let device = maps.device();
+    let idx: Vec<u32> = jobs.iter().map(|j| j.image as u32).collect();
+    let idx = Tensor::new(idx.as_slice(), device)?;
+    let gathered = maps.index_select(&idx, 0)?;
+    let c = jobs[0].weights.len();
+    let flat: Vec<f32> = jobs
+        .iter()
+        .flat_map(|j| j.weights.iter().copied())
+        .collect();
+    let w = Tensor::from_vec(flat, (jobs.len(), c), device)?;
+    let (raw, up) = fam_maps(&gathered, &w, size.0, size.1)?;
+    let raw = Map2::from_batch(&raw)?;
+    let up = Map2::from_batch(&up)?;
+    Ok(raw
+        .into_iter()
+        .zip(up)
+        .map(|(raw, upsampled)| SaliencyMap { raw, upsampled })
+        .collect())
+}
+
+/// Runs a validated pipeline and writes its outputs. Item failures are recorded in the
+/// report and the manifest; an `Err` means the run as a whole could not go on.
+pub fn run_pipeline(
+    p: &LoadedPipeline,
+    host: &mut PluginHost,
+    opts: &RunOptions,
+    progress: &dyn Progress,
+) -> Result<RunReport> {
+    let start = Instant::now();
+    let mut timings = Timings::default();
+    let pl = &p.pipeline;
+    let output = opts.output.clone().unwrap_or_else(|| pl.run.output.clone());
+    let session = Session::open(p, host, opts)?;
+    timings.load_models = ms(start);
+    tracing::info!(backbone = %session.backbone.describe(), similarity = %session.similarity.name(), device = ?session.device, "models loaded");
+
+    let mut out = OutputDir::create(&output)?;
+    let mut failures = Vec::new();
+    let (explanation, items_total) = match &pl.task {
+        TaskSection::Pair { pairs } => {
+            let pairs: Vec<(PathBuf, PathBuf)> =
+                pairs.iter().map(|p| (p.a.clone(), p.b.clone())).collect();
+            run_pairs(p, &session, &pairs, progress, &mut timings, &mut failures)?
+        }
+    };
+
+    let t = Instant::now();
+    for r in &session.renderers {
+        let name = r.name();
+        out.set_writer(&name);
+        if let Err(e) = r.render(&explanation, &mut out) {
+            tracing::error!(renderer = %name, error = %e, "renderer failed");
+            failures.push(Failure {
+                item: format!("renderer {name}"),
+                error: e.to_string(),
+            });
+        }
+    }
+    timings.render = ms(t);
+    timings.total = ms(start);
+
+    let items_failed = failures
+        .iter()
+        .filter(|f| !f.item.starts_with("renderer "))
+        .count();
+    let report = RunReport {
+        output: output.clone(),
+        items_total,
+        items_ok: items_total.saturating_sub(items_failed),
+        files_written: out.written().len() + 1,
+        failures,
+        timings_ms: timings,
+    };
+    write_manifest(&mut out, p, &session, &explanation, &report)?;
+    Ok(report)
+}
+
+fn write_manifest(
+    out: &mut OutputDir,
+    p: &LoadedPipeline,
+    session: &Session,
+    explanation: &Explanation,
+    report: &RunReport,
+) -> Result<()> {
+    let manifest = serde_json::json!({
+        "fam_version": env!("CARGO_PKG_VERSION"),
+        "pipeline": p.path.display().to_string(),
+        "info": explanation.info,
+        "device": format!("{:?}", session.device),
+        "input": session.spec,
+        "items": {
+            "total": report.items_total,
+            "ok": report.items_ok,
+            "failed": report.items_total - report.items_ok,
+        },
+        "files": out.written(),
+        "failures": report.failures,
+        "timings_ms": report.timings_ms,
+    });
+    let bytes =
+        serde_json::to_vec_pretty(&manifest).map_err(|e| FamError::invalid(e.to_string()))?;
+    out.set_writer("fam");
+    write_atomic(&out.root().join("manifest.json"), &bytes)
+}
+
+/// The pair task: every pair gives a score and two maps (each image with respect to the
+/// other).
+fn run_pairs(
+    p: &LoadedPipeline,
+    session: &Session,
+    pairs: &[(PathBuf, PathBuf)],
+    progress: &dyn Progress,
+    timings: &mut Timings,
+    failures: &mut Vec<Failure>,
+) -> Result<(Explanation, usize)> {
+    // Each distinct image is decoded and embedded once, however many pairs use it.
+    let mut unique: Vec<PathBuf> = Vec::new();
+    let mut index: HashMap<PathBuf, usize> = HashMap::new();
+    for (a, b) in pairs {
+        for path in [a, b] {
+            let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+            index.entry(key).or_insert_with(|| {
+                unique.push(path.clone());
+                unique.len() - 1
+            });
+        }
+    }
+    let slot_of = |path: &PathBuf| {
+        let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+        index[&key]
+    };
+    let emb = embed_images(
+        session.backbone.as_ref(),
+        &session.spec,
+        &unique,
+        p.pipeline.run.batch_size,
+        progress,
+        timings,
+    )?;
+
+    let images = image_records(&unique, &emb);
+    let t = Instant::now();
+    let weighting = p.pipeline.explain.weighting;
+    let mut comparisons = Vec::new();
+    let mut jobs = Vec::new();
+    for (i, (a, b)) in pairs.iter().enumerate() {
+        let (ua, ub) = (slot_of(a), slot_of(b));
+        let item = format!("pair {} ({} vs {})", i + 1, a.display(), b.display());
+        let result = (|| -> Result<(Comparison, [MapJob; 2])> {
+            let ia = emb.slot[ua].clone().map_err(FamError::invalid)?;
+            let ib = emb.slot[ub].clone().map_err(FamError::invalid)?;
+            let (ea, eb) = (&emb.embeddings[ia], &emb.embeddings[ib]);
+            let sim = session.similarity.as_ref();
+            let score = sim.score(ea, eb)?;
+            let distance = sim.distance(ea, eb)?;
+            let wa = channel_weights(sim, weighting, ea, eb)?;
+            let wb = channel_weights(sim, weighting, eb, ea)?;
+            let id = format!("pair-{:02}_{}_vs_{}", i + 1, images[ia].id, images[ib].id);
+            let side = |idx: usize| Side {
+                label: images[idx].id.clone(),
+                image: Some(idx),
+                map: None,
+            };
+            Ok((
+                Comparison {
+                    id,
+                    query: side(ia),
+                    reference: side(ib),
+                    score,
+                    distance,
+                },
+                [
+                    MapJob {
+                        image: ia,
+                        weights: wa,
+                    },
+                    MapJob {
+                        image: ib,
+                        weights: wb,
+                    },
+                ],
+            ))
+        })();
+        match result {
+            Ok((c, [ja, jb])) => {
+                tracing::info!(pair = i + 1, score = c.score, "scored");
+                comparisons.push(c);
+                jobs.push(ja);
+                jobs.push(jb);
+            }
+            Err(e) => {
+                tracing::error!(pair = i + 1, error = %e, "pair failed");
+                failures.push(Failure {
+                    item,
+                    error: e.to_string(),
+                });
+            }
+        }
+    }
+    if let Some(maps) = &emb.maps {
+        let (h, w) = session.spec.input_size();
+        let mut computed = compute_maps(maps, &jobs, (h as usize, w as usize))?.into_iter();
+        for c in &mut comparisons {
+            c.query.map = computed.next();
+            c.reference.map = computed.next();
+        }
+    }
+    timings.fam += ms(t);
+
+    let explanation = Explanation {
+        info: RunInfo {
+            task: "pair".into(),
+            backbone: session.backbone.describe(),
+            similarity: session.similarity.name(),
+            weighting: weighting.as_str().into(),
+            preprocessing: preprocess::describe(&session.spec),
+        },
+        images,
+        comparisons,
+    };
+    Ok((explanation, pairs.len()))
+}
+
+/// Records of the images that were embedded, with ids unique within the run.
+fn image_records(paths: &[PathBuf], emb: &Embedded) -> Vec<ImageRecord> {
+    let mut used: HashMap<String, usize> = HashMap::new();
+    let mut out = Vec::new();
+    for (path, slot) in paths.iter().zip(&emb.slot) {
+        let Ok(i) = slot else { continue };
+        let stem = safe_stem(path);
+        let n = used.entry(stem.clone()).or_insert(0);
+        *n += 1;
+        let id = if *n == 1 { stem } else { format!("{stem}-{n}") };
+        debug_assert_eq!(out.len(), *i);
+        out.push(ImageRecord {
+            id,
+            source: path.clone(),
+            view: emb.views[*i].view.clone(),
+        });
+    }
+    out
+}

@@ -1,0 +1,105 @@
+//! The three extension points of fam: a [`Backbone`] turns images into feature maps and
+//! embeddings, a [`Similarity`] scores two embeddings and splits the score into per-channel
+//! contributions, and a [`Renderer`] turns finished explanations into files.
+
+use candle_core::{Device, Tensor};
+
+use crate::error::Result;
+use crate::explain::Explanation;
+use crate::output::OutputSink;
+
+/// How images are resized before they reach the model (DESIGN.md section 1.4).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "policy", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ResizePolicy {
+    /// torchvision's `Resize(resize)` (shorter side, antialiased bilinear) + `CenterCrop(crop)`.
+    ResizeCrop { resize: u32, crop: u32 },
+    /// Resize both sides to exactly `width`x`height` (no crop), e.g. aligned face crops.
+    Exact { width: u32, height: u32 },
+}
+
+/// What a backbone expects as input. Pixel values are scaled to [0, 1], then
+/// `(x - mean) / std` per channel in RGB order.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct InputSpec {
+    pub resize: ResizePolicy,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl InputSpec {
+    /// torchvision's ImageNet defaults: `Resize(256)`, `CenterCrop(224)`, ImageNet mean/std.
+    pub fn imagenet() -> Self {
+        Self {
+            resize: ResizePolicy::ResizeCrop {
+                resize: 256,
+                crop: 224,
+            },
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        }
+    }
+
+    /// Height and width of the tensor the model sees.
+    pub fn input_size(&self) -> (u32, u32) {
+        match self.resize {
+            ResizePolicy::ResizeCrop { crop, .. } => (crop, crop),
+            ResizePolicy::Exact { width, height } => (height, width),
+        }
+    }
+}
+
+/// The output of a backbone for a batch of `B` images.
+#[derive(Debug, Clone)]
+pub struct Features {
+    /// Activations of the feature layer, `[B, C, h, w]`.
+    pub maps: Tensor,
+    /// Embeddings, `[B, C]`: global average pooling of `maps` for plain backbones.
+    pub embeddings: Tensor,
+}
+
+impl Features {
+    /// Features whose embedding is the global average pool of the maps (DESIGN.md section 1).
+    pub fn from_maps(maps: Tensor) -> Result<Self> {
+        let embeddings = maps.mean((2, 3))?;
+        Ok(Self { maps, embeddings })
+    }
+}
+
+/// A model cut at its feature layer.
+pub trait Backbone: Send + Sync {
+    /// A short description for logs and outputs, e.g. `mobilenet_v2@features.18`.
+    fn describe(&self) -> String;
+    /// Preprocessing this model was trained with.
+    fn input_spec(&self) -> InputSpec;
+    /// The device its weights live on; input batches are moved there.
+    fn device(&self) -> Device;
+    /// Runs a normalized batch `[B, 3, H, W]` (f32, on [`Backbone::device`]).
+    fn forward(&self, batch: &Tensor) -> Result<Features>;
+}
+
+/// A similarity between two embeddings whose score splits into per-channel contributions.
+///
+/// All methods take the explained embedding `e` and the reference `r` (same length).
+pub trait Similarity: Send + Sync {
+    /// The metric's name, e.g. `cosine`.
+    fn name(&self) -> String;
+    /// The similarity score `s(e, r)`; higher means more similar.
+    fn score(&self, e: &[f32], r: &[f32]) -> Result<f32>;
+    /// Per-channel contributions `c_k` with `sum_k c_k == score(e, r)`.
+    fn contributions(&self, e: &[f32], r: &[f32]) -> Result<Vec<f32>>;
+    /// The gradient `ds/de_k` (used by `weighting = "gradient"`).
+    fn gradient(&self, e: &[f32], r: &[f32]) -> Result<Vec<f32>>;
+    /// A distance to report beside the score, where the metric has one (Euclidean).
+    fn distance(&self, _e: &[f32], _r: &[f32]) -> Result<Option<f32>> {
+        Ok(None)
+    }
+}
+
+/// Turns explanations into files, written through an [`OutputSink`] so that each file is
+/// written atomically and listed in the run's manifest.
+pub trait Renderer: Send + Sync {
+    /// The renderer's name, e.g. `overlay`.
+    fn name(&self) -> String;
+    fn render(&self, explanation: &Explanation, out: &mut dyn OutputSink) -> Result<()>;
+}

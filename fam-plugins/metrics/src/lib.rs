@@ -1,0 +1,253 @@
+//! fam plugin `metrics`: cosine and Euclidean similarities with exact per-channel
+//! contributions (DESIGN.md section 1.1).
+//!
+//! | metric    | score                      | contribution `c_k`          |
+//! |-----------|----------------------------|-----------------------------|
+//! | cosine    | `e·r / (‖e‖‖r‖)`           | `e_k r_k / (‖e‖‖r‖)`        |
+//! | euclidean | `‖r‖² − ‖e − r‖²`          | `e_k (2 r_k − e_k)`         |
+
+use fam_core::plugin::{Options, Registrar};
+use fam_core::{FamError, Problem, Result, Similarity};
+
+fam_core::export_plugin!(name: "metrics", register: register);
+
+/// Registers `cosine` and `euclidean`.
+pub fn register(r: &mut Registrar) {
+    r.similarity(
+        "cosine",
+        "cosine similarity; c_k = e_k r_k / (|e||r|)",
+        no_options,
+        |_| Ok(Box::new(Cosine)),
+    );
+    r.similarity(
+        "euclidean",
+        "similarity |r|^2 - |e - r|^2 (reports the distance |e - r|); c_k = e_k (2 r_k - e_k)",
+        no_options,
+        |_| Ok(Box::new(Euclidean)),
+    );
+}
+
+fn no_options(o: &Options) -> Vec<Problem> {
+    o.keys()
+        .map(|k| {
+            Problem::new(
+                k.clone(),
+                format!("unknown option `{k}` (this metric takes none)"),
+            )
+        })
+        .collect()
+}
+
+fn check(e: &[f32], r: &[f32]) -> Result<()> {
+    if e.len() != r.len() {
+        return Err(FamError::invalid(format!(
+            "embeddings have different sizes: {} and {}",
+            e.len(),
+            r.len()
+        )));
+    }
+    if let Some(k) = e.iter().chain(r).position(|v| !v.is_finite()) {
+        return Err(FamError::invalid(format!(
+            "embedding value {} at index {} is not finite",
+            e.iter().chain(r).nth(k).unwrap(),
+            k % e.len().max(1)
+        )));
+    }
+    Ok(())
+}
+
+fn norm(v: &[f32]) -> f64 {
+    v.iter()
+        .map(|x| (*x as f64) * (*x as f64))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// Cosine similarity.
+#[derive(Debug, Clone, Copy)]
+pub struct Cosine;
+
+impl Cosine {
+    fn norms(e: &[f32], r: &[f32]) -> Result<(f64, f64)> {
+        check(e, r)?;
+        let (ne, nr) = (norm(e), norm(r));
+        if ne == 0.0 || nr == 0.0 {
+            return Err(FamError::invalid(format!(
+                "cosine similarity is undefined for a zero-norm embedding (norms {ne} and {nr}): every activation of the feature layer is zero, e.g. an all-black image behind ReLU"
+            )));
+        }
+        Ok((ne, nr))
+    }
+}
+
+impl Similarity for Cosine {
+    fn name(&self) -> String {
+        "cosine".into()
+    }
+    fn score(&self, e: &[f32], r: &[f32]) -> Result<f32> {
+        let (ne, nr) = Self::norms(e, r)?;
+        let dot: f64 = e.iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum();
+        Ok((dot / (ne * nr)) as f32)
+    }
+    fn contributions(&self, e: &[f32], r: &[f32]) -> Result<Vec<f32>> {
+        let (ne, nr) = Self::norms(e, r)?;
+        let s = 1.0 / (ne * nr);
+        Ok(e.iter()
+            .zip(r)
+            .map(|(a, b)| (*a as f64 * *b as f64 * s) as f32)
+            .collect())
+    }
+    /// `ds/de_k = r_k / (‖e‖‖r‖) − s e_k / ‖e‖²`.
+    fn gradient(&self, e: &[f32], r: &[f32]) -> Result<Vec<f32>> {
+        let (ne, nr) = Self::norms(e, r)?;
+        let s = self.score(e, r)? as f64;
+        Ok(e.iter()
+            .zip(r)
+            .map(|(a, b)| (*b as f64 / (ne * nr) - s * *a as f64 / (ne * ne)) as f32)
+            .collect())
+    }
+}
+
+/// Euclidean similarity `‖r‖² − ‖e − r‖²`, reported with the distance `‖e − r‖`.
+#[derive(Debug, Clone, Copy)]
+pub struct Euclidean;
+
+impl Similarity for Euclidean {
+    fn name(&self) -> String {
+        "euclidean".into()
+    }
+    fn score(&self, e: &[f32], r: &[f32]) -> Result<f32> {
+        Ok(self
+            .contributions(e, r)?
+            .iter()
+            .map(|c| *c as f64)
+            .sum::<f64>() as f32)
+    }
+    /// `c_k = r_k² − (e_k − r_k)² = e_k (2 r_k − e_k)`: how much the squared distance grows
+    /// if channel `k` of the query is switched off.
+    fn contributions(&self, e: &[f32], r: &[f32]) -> Result<Vec<f32>> {
+        check(e, r)?;
+        Ok(e.iter().zip(r).map(|(a, b)| a * (2.0 * b - a)).collect())
+    }
+    /// `ds/de_k = 2 (r_k − e_k)`.
+    fn gradient(&self, e: &[f32], r: &[f32]) -> Result<Vec<f32>> {
+        check(e, r)?;
+        Ok(e.iter().zip(r).map(|(a, b)| 2.0 * (b - a)).collect())
+    }
+    fn distance(&self, e: &[f32], r: &[f32]) -> Result<Option<f32>> {
+        check(e, r)?;
+        Ok(Some(
+            e.iter()
+                .zip(r)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>()
+                .sqrt() as f32,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(n: usize, seed: u32) -> Vec<f32> {
+        // deterministic pseudo-random values in [-1, 2)
+        (0..n)
+            .map(|i| {
+                let x = (i as u32)
+                    .wrapping_mul(2654435761)
+                    .wrapping_add(seed.wrapping_mul(97));
+                (x % 3000) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn metrics() -> [Box<dyn Similarity>; 2] {
+        [Box::new(Cosine), Box::new(Euclidean)]
+    }
+
+    #[test]
+    fn contributions_add_up_to_the_score() {
+        for m in metrics() {
+            for seed in 0..5 {
+                let (e, r) = (sample(64, seed), sample(64, seed + 100));
+                let s = m.score(&e, &r).unwrap();
+                let sum: f32 = m.contributions(&e, &r).unwrap().iter().sum();
+                assert!(
+                    (s - sum).abs() < 1e-4 * s.abs().max(1.0),
+                    "{}: {s} vs {sum}",
+                    m.name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn hand_computed_values() {
+        let (e, r) = ([3.0f32, 4.0], [4.0f32, 3.0]);
+        // cosine: 24 / 25
+        assert!((Cosine.score(&e, &r).unwrap() - 0.96).abs() < 1e-6);
+        assert_eq!(
+            Cosine.contributions(&e, &r).unwrap(),
+            vec![12.0 / 25.0, 12.0 / 25.0]
+        );
+        // euclidean: |r|^2 - |e-r|^2 = 25 - 2 = 23; c = [3*(8-3), 4*(6-4)] = [15, 8]
+        assert_eq!(Euclidean.contributions(&e, &r).unwrap(), vec![15.0, 8.0]);
+        assert_eq!(Euclidean.score(&e, &r).unwrap(), 23.0);
+        assert!((Euclidean.distance(&e, &r).unwrap().unwrap() - 2f32.sqrt()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        for m in metrics() {
+            let (e, r) = (sample(16, 7), sample(16, 8));
+            let g = m.gradient(&e, &r).unwrap();
+            for k in 0..e.len() {
+                let h = 1e-3f64;
+                let (mut ep, mut em) = (e.clone(), e.clone());
+                ep[k] += h as f32;
+                em[k] -= h as f32;
+                let fd = (m.score(&ep, &r).unwrap() as f64 - m.score(&em, &r).unwrap() as f64)
+                    / (2.0 * h);
+                assert!(
+                    (fd - g[k] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
+                    "{} k={k}: fd {fd} vs {}",
+                    m.name(),
+                    g[k]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn euclidean_contribution_is_the_distance_change_when_a_channel_is_switched_off() {
+        let (e, r) = (sample(8, 1), sample(8, 2));
+        let c = Euclidean.contributions(&e, &r).unwrap();
+        let d2 = |e: &[f32]| -> f32 { e.iter().zip(&r).map(|(a, b)| (a - b) * (a - b)).sum() };
+        for k in 0..e.len() {
+            let mut off = e.clone();
+            off[k] = 0.0;
+            assert!((d2(&off) - d2(&e) - c[k]).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn bad_inputs_are_clear_errors() {
+        let err = Cosine
+            .score(&[0.0, 0.0], &[1.0, 0.0])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("zero-norm"), "{err}");
+        let err = Euclidean
+            .score(&[1.0], &[1.0, 2.0])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("different sizes: 1 and 2"), "{err}");
+        let err = Cosine
+            .score(&[f32::NAN, 1.0], &[1.0, 2.0])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not finite"), "{err}");
+        assert_eq!(no_options(&Options::new()), vec![]);
+    }
+}

@@ -1,0 +1,192 @@
+//! A tiny RGB canvas: blitting, heatmap blending, bitmap text and PNG encoding.
+
+use fam_core::explain::Rgb8;
+use fam_core::{FamError, Result};
+
+/// Colormaps for saliency (0 = low, 1 = high).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Colormap {
+    /// matplotlib's `jet`: blue, cyan, yellow, red.
+    Jet,
+    /// matplotlib's `inferno`-like black, purple, orange, yellow ramp (piecewise linear).
+    Inferno,
+    Gray,
+}
+
+impl Colormap {
+    pub const NAMES: [&'static str; 3] = ["jet", "inferno", "gray"];
+
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "jet" => Ok(Self::Jet),
+            "inferno" => Ok(Self::Inferno),
+            "gray" | "grey" => Ok(Self::Gray),
+            other => Err(format!(
+                "unknown colormap `{other}` (available: {})",
+                Self::NAMES.join(", ")
+            )),
+        }
+    }
+
+    /// The colour of value `v` in [0, 1].
+    pub fn color(self, v: f32) -> [u8; 3] {
+        let v = if v.is_finite() {
+            v.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let to8 = |x: f32| (x.clamp(0.0, 1.0) * 255.0).round() as u8;
+        match self {
+            Colormap::Jet => {
+                // matplotlib jet: r = 1.5 - |4v - 3|, g = 1.5 - |4v - 2|, b = 1.5 - |4v - 1|
+                let f = |c: f32| to8(1.5 - (4.0 * v - c).abs());
+                [f(3.0), f(2.0), f(1.0)]
+            }
+            Colormap::Inferno => {
+                const STOPS: [[f32; 3]; 5] = [
+                    [0.0, 0.0, 0.015],
+                    [0.34, 0.06, 0.43],
+                    [0.73, 0.21, 0.33],
+                    [0.98, 0.55, 0.04],
+                    [0.99, 1.0, 0.64],
+                ];
+                let x = v * 4.0;
+                let i = (x.floor() as usize).min(3);
+                let t = x - i as f32;
+                let (a, b) = (STOPS[i], STOPS[i + 1]);
+                [
+                    to8(a[0] + (b[0] - a[0]) * t),
+                    to8(a[1] + (b[1] - a[1]) * t),
+                    to8(a[2] + (b[2] - a[2]) * t),
+                ]
+            }
+            Colormap::Gray => [to8(v); 3],
+        }
+    }
+}
+
+/// An RGB image being drawn.
+#[derive(Debug, Clone)]
+pub struct Canvas {
+    pub width: u32,
+    pub height: u32,
+    pub data: Vec<u8>,
+}
+
+impl Canvas {
+    pub fn new(width: u32, height: u32, background: [u8; 3]) -> Self {
+        let mut data = Vec::with_capacity((width * height * 3) as usize);
+        for _ in 0..width * height {
+            data.extend_from_slice(&background);
+        }
+        Self {
+            width,
+            height,
+            data,
+        }
+    }
+
+    pub fn from_rgb(img: &Rgb8) -> Self {
+        Self {
+            width: img.width,
+            height: img.height,
+            data: img.data.clone(),
+        }
+    }
+
+    /// `(1 - alpha) * image + alpha * colormap(map)`, `map` in [0, 1] at the image's size.
+    pub fn overlay(img: &Rgb8, map: &[f32], cmap: Colormap, alpha: f32) -> Self {
+        let mut c = Self::from_rgb(img);
+        for (i, px) in c.data.chunks_exact_mut(3).enumerate() {
+            let heat = cmap.color(map.get(i).copied().unwrap_or(0.0));
+            for k in 0..3 {
+                px[k] = ((1.0 - alpha) * px[k] as f32 + alpha * heat[k] as f32).round() as u8;
+            }
+        }
+        c
+    }
+
+    pub fn put(&mut self, x: u32, y: u32, rgb: [u8; 3]) {
+        if x < self.width && y < self.height {
+            let i = ((y * self.width + x) * 3) as usize;
+            self.data[i..i + 3].copy_from_slice(&rgb);
+        }
+    }
+
+    pub fn blit(&mut self, src: &Canvas, x0: u32, y0: u32) {
+        for y in 0..src.height {
+            for x in 0..src.width {
+                let i = ((y * src.width + x) * 3) as usize;
+                self.put(
+                    x0 + x,
+                    y0 + y,
+                    [src.data[i], src.data[i + 1], src.data[i + 2]],
+                );
+            }
+        }
+    }
+
+    /// Draws ASCII text with an 8x8 bitmap font scaled by `scale`.
+    pub fn text(&mut self, x0: u32, y0: u32, text: &str, scale: u32, rgb: [u8; 3]) {
+        use font8x8::UnicodeFonts;
+        for (n, ch) in text.chars().enumerate() {
+            let glyph = font8x8::BASIC_FONTS
+                .get(ch)
+                .or_else(|| font8x8::BASIC_FONTS.get('?'))
+                .unwrap_or([0; 8]);
+            for (row, bits) in glyph.iter().enumerate() {
+                for col in 0..8u32 {
+                    if bits & (1 << col) != 0 {
+                        for dy in 0..scale {
+                            for dx in 0..scale {
+                                self.put(
+                                    x0 + (n as u32 * 8 + col) * scale + dx,
+                                    y0 + row as u32 * scale + dy,
+                                    rgb,
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn png(&self) -> Result<Vec<u8>> {
+        use image::ImageEncoder;
+        let mut out = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut out)
+            .write_image(
+                &self.data,
+                self.width,
+                self.height,
+                image::ExtendedColorType::Rgb8,
+            )
+            .map_err(|e| FamError::invalid(format!("PNG encoding failed: {e}")))?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jet_endpoints() {
+        assert_eq!(Colormap::Jet.color(0.0), [0, 0, 128]);
+        assert_eq!(Colormap::Jet.color(1.0), [128, 0, 0]);
+        assert_eq!(Colormap::Jet.color(0.5), [128, 255, 128]);
+        assert_eq!(Colormap::Gray.color(f32::NAN), [0, 0, 0]);
+    }
+
+    #[test]
+    fn overlay_blends() {
+        let img = Rgb8 {
+            width: 1,
+            height: 1,
+            data: vec![200, 200, 200],
+        };
+        let c = Canvas::overlay(&img, &[1.0], Colormap::Jet, 0.5);
+        assert_eq!(c.data, vec![164, 100, 100]);
+    }
+}

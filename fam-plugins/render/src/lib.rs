@@ -1,0 +1,349 @@
+//! fam plugin `render`: turns explanations into files a person looks at or a program reads.
+//!
+//! - `overlay`: one PNG per map, the heatmap (jet by default) blended over the image crop the
+//!   model saw (`alpha`, default 0.5);
+//! - `panel`: one PNG per comparison: both images, both maps, the score and the setup;
+//! - `npy`: raw maps (`h x w`, before upsampling) and upsampled maps (`H x W`) as `.npy`;
+//! - `scores`: `scores.json` with every comparison's score and the files of its maps.
+
+mod draw;
+
+use fam_core::explain::{Comparison, Explanation, SaliencyMap, Side};
+use fam_core::output::{npy_f32, OutputSink};
+use fam_core::plugin::{Options, Registrar};
+use fam_core::{FamError, Problem, Renderer, Result};
+
+use draw::Canvas;
+pub use draw::Colormap;
+
+fam_core::export_plugin!(name: "render", register: register);
+
+/// Registers the renderers.
+pub fn register(r: &mut Registrar) {
+    r.renderer(
+        "overlay",
+        "heatmap over the image, one PNG per map (options: colormap, alpha)",
+        |o| check_options(o, &["colormap", "alpha"]),
+        |o| Ok(Box::new(Overlay::from_options(o)?)),
+    );
+    r.renderer(
+        "panel",
+        "one PNG per comparison: both images, both maps, the score (options: colormap, alpha)",
+        |o| check_options(o, &["colormap", "alpha"]),
+        |o| Ok(Box::new(Panel(Overlay::from_options(o)?))),
+    );
+    r.renderer(
+        "npy",
+        "raw (h x w) and upsampled (H x W) maps as .npy files",
+        |o| check_options(o, &[]),
+        |_| Ok(Box::new(Npy)),
+    );
+    r.renderer(
+        "scores",
+        "scores.json: every comparison's score, distance and map files",
+        |o| check_options(o, &[]),
+        |_| Ok(Box::new(Scores)),
+    );
+}
+
+fn check_options(o: &Options, allowed: &[&str]) -> Vec<Problem> {
+    let mut out = Vec::new();
+    for (k, v) in o {
+        if !allowed.contains(&k.as_str()) {
+            let hint = fam_core::pipeline::closest(k, allowed)
+                .map(|c| format!("; did you mean `{c}`?"))
+                .unwrap_or_default();
+            out.push(Problem::new(
+                k.clone(),
+                format!("unknown option `{k}`{hint}"),
+            ));
+            continue;
+        }
+        let problem = match k.as_str() {
+            "alpha" => match v.as_float().or(v.as_integer().map(|i| i as f64)) {
+                Some(a) if (0.0..=1.0).contains(&a) => None,
+                _ => Some(format!("{v} is not a number between 0 and 1")),
+            },
+            "colormap" => match v.as_str().map(Colormap::parse) {
+                Some(Ok(_)) => None,
+                Some(Err(e)) => Some(e),
+                None => Some(format!("{v} is not a string")),
+            },
+            _ => None,
+        };
+        if let Some(p) = problem {
+            out.push(Problem::new(k.clone(), p));
+        }
+    }
+    out
+}
+
+/// Tags for the two sides of a comparison in file names.
+const SIDES: [&str; 2] = ["a", "b"];
+
+fn sides(c: &Comparison) -> [(&'static str, &Side); 2] {
+    [(SIDES[0], &c.query), (SIDES[1], &c.reference)]
+}
+
+/// Heatmap overlays.
+#[derive(Debug, Clone)]
+pub struct Overlay {
+    pub colormap: Colormap,
+    pub alpha: f32,
+}
+
+impl Overlay {
+    fn from_options(o: &Options) -> Result<Self> {
+        let problems = check_options(o, &["colormap", "alpha"]);
+        if let Some(p) = problems.first() {
+            return Err(FamError::invalid(p.to_string()));
+        }
+        Ok(Self {
+            colormap: o
+                .get("colormap")
+                .and_then(|v| v.as_str())
+                .map(Colormap::parse)
+                .transpose()
+                .map_err(FamError::invalid)?
+                .unwrap_or(Colormap::Jet),
+            alpha: o
+                .get("alpha")
+                .and_then(|v| v.as_float().or(v.as_integer().map(|i| i as f64)))
+                .unwrap_or(0.5) as f32,
+        })
+    }
+
+    /// The overlay of one side's map on its image.
+    pub fn overlay(&self, e: &Explanation, side: &Side) -> Option<Canvas> {
+        let img = &e.images[side.image?];
+        let map = side.map.as_ref()?;
+        Some(Canvas::overlay(
+            &img.view,
+            &map.upsampled.normalized(),
+            self.colormap,
+            self.alpha,
+        ))
+    }
+}
+
+impl Renderer for Overlay {
+    fn name(&self) -> String {
+        "overlay".into()
+    }
+    fn render(&self, e: &Explanation, out: &mut dyn OutputSink) -> Result<()> {
+        for c in &e.comparisons {
+            for (tag, side) in sides(c) {
+                if let Some(canvas) = self.overlay(e, side) {
+                    out.write(&format!("overlays/{}_{tag}.png", c.id), &canvas.png()?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Side-by-side panels.
+#[derive(Debug, Clone)]
+pub struct Panel(pub Overlay);
+
+impl Renderer for Panel {
+    fn name(&self) -> String {
+        "panel".into()
+    }
+    fn render(&self, e: &Explanation, out: &mut dyn OutputSink) -> Result<()> {
+        for c in &e.comparisons {
+            out.write(&format!("panels/{}.png", c.id), &self.panel(e, c)?.png()?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Panel {
+    /// `[A | A's map w.r.t. B | B's map w.r.t. A | B]` with a header and captions.
+    pub fn panel(&self, e: &Explanation, c: &Comparison) -> Result<Canvas> {
+        let mut tiles: Vec<(Canvas, String)> = Vec::new();
+        for (side, other) in [(&c.query, &c.reference), (&c.reference, &c.query)] {
+            if let Some(i) = side.image {
+                let img = Canvas::from_rgb(&e.images[i].view);
+                let over = self.0.overlay(e, side);
+                tiles.push((img, side.label.clone()));
+                if let Some(o) = over {
+                    // An all-zero map is an answer ("nothing here supports the match"): say so.
+                    let empty = side.map.as_ref().is_some_and(|m| m.raw.max() <= 0.0);
+                    let caption = if empty {
+                        "empty map: no support".to_string()
+                    } else {
+                        format!("map w.r.t. {}", other.label)
+                    };
+                    tiles.push((o, caption));
+                }
+            }
+        }
+        // Order: A, map A, map B, B.
+        if tiles.len() == 4 {
+            tiles.swap(2, 3);
+        }
+        let tile_w = tiles.iter().map(|t| t.0.width).max().unwrap_or(224);
+        let tile_h = tiles.iter().map(|t| t.0.height).max().unwrap_or(224);
+        let gap = 8;
+        let caption = 22;
+        let width = (gap + tiles.len() as u32 * (tile_w + gap)).max(480);
+        let subtitle = format!(
+            "FAM ({} weights) at {}; input: {} (maps drawn on the crop the model saw)",
+            e.info.weighting, e.info.backbone, e.info.preprocessing
+        );
+        let sub_lines = wrap(&subtitle, ((width - 2 * gap) / 8) as usize);
+        let score = match c.distance {
+            Some(d) => format!("{} {:.4} (distance {:.4})", e.info.similarity, c.score, d),
+            None => format!("{} similarity {:.4}", e.info.similarity, c.score),
+        };
+        let title = format!("{} vs {}: {score}", c.query.label, c.reference.label);
+        let title_lines = wrap(&title, ((width - 2 * gap) / 16) as usize);
+        let sub_top = 6 + 20 * title_lines.len() as u32 + 2;
+        let header = sub_top + 10 * sub_lines.len() as u32 + 6;
+        let height = header + tile_h + caption + gap + 16;
+        let mut canvas = Canvas::new(width, height, [255, 255, 255]);
+        for (i, line) in title_lines.iter().enumerate() {
+            canvas.text(gap, 6 + 20 * i as u32, line, 2, [0, 0, 0]);
+        }
+        for (i, line) in sub_lines.iter().enumerate() {
+            canvas.text(gap, sub_top + 10 * i as u32, line, 1, [80, 80, 80]);
+        }
+        for (i, (tile, label)) in tiles.iter().enumerate() {
+            let x = gap + i as u32 * (tile_w + gap);
+            canvas.blit(tile, x, header);
+            let max_chars = (tile_w / 8) as usize;
+            let label: String = label.chars().take(max_chars).collect();
+            canvas.text(x, header + tile_h + 6, &label, 1, [0, 0, 0]);
+        }
+        // Colour bar: low to high saliency.
+        let bar_y = header + tile_h + caption;
+        let bar_x = gap;
+        let bar_w = 200u32;
+        canvas.text(bar_x, bar_y + 2, "low", 1, [80, 80, 80]);
+        for dx in 0..bar_w {
+            let col = self.0.colormap.color(dx as f32 / (bar_w - 1) as f32);
+            for dy in 0..8 {
+                canvas.put(bar_x + 32 + dx, bar_y + 2 + dy, col);
+            }
+        }
+        canvas.text(bar_x + 40 + bar_w, bar_y + 2, "high", 1, [80, 80, 80]);
+        Ok(canvas)
+    }
+}
+
+/// Greedy word wrap to lines of at most `width` characters.
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = vec![String::new()];
+    for word in text.split(' ') {
+        let line = lines.last_mut().unwrap();
+        if !line.is_empty() && line.len() + 1 + word.len() > width {
+            lines.push(word.to_string());
+        } else {
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(word);
+        }
+    }
+    lines
+}
+
+/// Raw and upsampled maps as `.npy`.
+#[derive(Debug, Clone, Copy)]
+pub struct Npy;
+
+fn write_npy(out: &mut dyn OutputSink, stem: &str, m: &SaliencyMap) -> Result<()> {
+    out.write(
+        &format!("maps/{stem}_raw.npy"),
+        &npy_f32(&[m.raw.height, m.raw.width], &m.raw.data),
+    )?;
+    out.write(
+        &format!("maps/{stem}_up.npy"),
+        &npy_f32(&[m.upsampled.height, m.upsampled.width], &m.upsampled.data),
+    )
+}
+
+impl Renderer for Npy {
+    fn name(&self) -> String {
+        "npy".into()
+    }
+    fn render(&self, e: &Explanation, out: &mut dyn OutputSink) -> Result<()> {
+        for c in &e.comparisons {
+            for (tag, side) in sides(c) {
+                if let Some(m) = &side.map {
+                    write_npy(out, &format!("{}_{tag}", c.id), m)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `scores.json`.
+#[derive(Debug, Clone, Copy)]
+pub struct Scores;
+
+impl Renderer for Scores {
+    fn name(&self) -> String {
+        "scores".into()
+    }
+    fn render(&self, e: &Explanation, out: &mut dyn OutputSink) -> Result<()> {
+        let side = |s: &Side| {
+            serde_json::json!({
+                "label": s.label,
+                "image": s.image.map(|i| e.images[i].source.display().to_string()),
+                "map_peak": s.map.as_ref().map(|m| m.raw.max()),
+            })
+        };
+        let items: Vec<_> = e
+            .comparisons
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "id": c.id,
+                    "query": side(&c.query),
+                    "reference": side(&c.reference),
+                    "score": c.score,
+                    "distance": c.distance,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({ "info": e.info, "comparisons": items });
+        let bytes =
+            serde_json::to_vec_pretty(&doc).map_err(|e| FamError::invalid(e.to_string()))?;
+        out.write("scores.json", &bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrap_breaks_between_words() {
+        assert_eq!(wrap("aa bb cc", 5), vec!["aa bb", "cc"]);
+        assert_eq!(wrap("aaaaaaa b", 3), vec!["aaaaaaa", "b"]);
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let mut o = Options::new();
+        o.insert("alpha".into(), 1.5.into());
+        o.insert("colour".into(), "jet".into());
+        o.insert("colormap".into(), "rainbow".into());
+        let problems = check_options(&o, &["colormap", "alpha"]);
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(problems.len(), 3, "{text:?}");
+        assert!(
+            text.iter().any(|t| t.contains("did you mean `colormap`")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.contains("1.5 is not a number between 0 and 1")),
+            "{text:?}"
+        );
+        assert!(text.iter().any(|t| t.contains("rainbow")), "{text:?}");
+    }
+}

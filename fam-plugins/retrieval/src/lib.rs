@@ -1,0 +1,35 @@
+//! fam plugin `retrieval`: CNN backbones for retrieval and re-identification, explained at
+//! any named layer.
+//!
+//! - `mobilenet_v2`: torchvision's MobileNetV2 (ImageNet weights, or any checkpoint with the
+//!   same layout), feature layers `features.0` .. `features.18` (default: `features.18`,
+//!   1280x7x7 at 224 px); embedding = global average pooling of the feature layer.
+
+pub mod layers;
+pub mod mobilenet;
+
+use fam_core::plugin::Registrar;
+use fam_core::FamError;
+
+fam_core::export_plugin!(name: "retrieval", register: register);
+
+/// Registers this plugin's backbones.
+pub fn register(r: &mut Registrar) {
+    r.backbone(
+        "mobilenet_v2",
+        "torchvision MobileNetV2 (layers features.0..features.18, default features.18); embedding = GAP",
+        mobilenet::validate,
+        |cfg, device| {
+            let layer = cfg.layer.as_deref().unwrap_or("features.18");
+            let layer = mobilenet::parse_layer(layer).map_err(FamError::invalid)?;
+            let weights = cfg
+                .weights
+                .as_ref()
+                .ok_or_else(|| FamError::invalid("mobilenet_v2 needs `weights`"))?;
+            let t = std::time::Instant::now();
+            let model = mobilenet::MobileNetV2::load(weights, layer, device)?;
+            tracing::info!(weights = %weights.display(), layer, ms = t.elapsed().as_millis() as u64, "mobilenet_v2 loaded");
+            Ok(Box::new(model))
+        },
+    );
+}

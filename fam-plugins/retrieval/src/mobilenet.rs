@@ -1,0 +1,275 @@
+//! MobileNetV2 (torchvision layout), cut at any `features.N` layer.
+
+use std::path::Path;
+
+use fam_core::candle::{DType, Device, Tensor};
+use fam_core::weights::{self, StateDict};
+use fam_core::{Backbone, FamError, Features, InputSpec, Problem, Result};
+
+use crate::layers::{Act, ConvBn};
+
+/// torchvision's inverted-residual settings: expansion t, channels c, repeats n, stride s.
+const SETTINGS: [(usize, usize, usize, usize); 7] = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+];
+
+/// Number of `features.N` stages: the stem, 17 inverted residual blocks, the last 1x1 conv.
+pub const STAGES: usize = 19;
+
+/// Names of the layers one can explain at.
+pub fn layer_names() -> Vec<String> {
+    (0..STAGES).map(|i| format!("features.{i}")).collect()
+}
+
+/// Strides of `features.0..=17`.
+fn strides() -> Vec<usize> {
+    let mut s = vec![2];
+    for (_, _, n, stride) in SETTINGS {
+        for i in 0..n {
+            s.push(if i == 0 { stride } else { 1 });
+        }
+    }
+    s
+}
+
+#[derive(Debug, Clone)]
+struct Stage {
+    layers: Vec<ConvBn>,
+    residual: bool,
+}
+
+impl Stage {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = x.clone();
+        for l in &self.layers {
+            y = l.forward(&y)?;
+        }
+        if self.residual {
+            y = (y + x)?;
+        }
+        Ok(y)
+    }
+}
+
+/// MobileNetV2 for inference.
+#[derive(Debug, Clone)]
+pub struct MobileNetV2 {
+    stages: Vec<Stage>,
+    classifier: Option<(Tensor, Tensor)>,
+    layer: usize,
+    device: Device,
+    spec: InputSpec,
+}
+
+/// Parses `features.N` into N, or explains what is accepted.
+pub fn parse_layer(layer: &str) -> std::result::Result<usize, String> {
+    layer
+        .strip_prefix("features.")
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| *n < STAGES)
+        .ok_or_else(|| {
+            let names = layer_names();
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let hint = fam_core::pipeline::closest(layer, &refs)
+                .map(|c| format!("; did you mean `{c}`?"))
+                .unwrap_or_default();
+            format!(
+                "no layer `{layer}` in mobilenet_v2 (layers are features.0 to features.{}){hint}",
+                STAGES - 1
+            )
+        })
+}
+
+impl MobileNetV2 {
+    /// Builds the network from a torchvision state dict, up to and including `layer`.
+    pub fn from_state_dict(
+        sd: &StateDict,
+        path: &Path,
+        layer: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let strides = strides();
+        let mut stages = Vec::with_capacity(layer + 1);
+        #[allow(clippy::needless_range_loop)] // i names the layer and indexes the strides
+        for i in 0..=layer.min(STAGES - 1) {
+            let p = format!("features.{i}");
+            let stage = if i == 0 || i == STAGES - 1 {
+                let stride = if i == 0 { 2 } else { 1 };
+                Stage {
+                    layers: vec![ConvBn::load(
+                        sd,
+                        path,
+                        &format!("{p}.0"),
+                        &format!("{p}.1"),
+                        stride,
+                        Act::Relu6,
+                        device,
+                    )?],
+                    residual: false,
+                }
+            } else {
+                let stride = strides[i];
+                let expand = sd.contains_key(&format!("{p}.conv.3.weight"));
+                let layers = if expand {
+                    vec![
+                        ConvBn::load(
+                            sd,
+                            path,
+                            &format!("{p}.conv.0.0"),
+                            &format!("{p}.conv.0.1"),
+                            1,
+                            Act::Relu6,
+                            device,
+                        )?,
+                        ConvBn::load(
+                            sd,
+                            path,
+                            &format!("{p}.conv.1.0"),
+                            &format!("{p}.conv.1.1"),
+                            stride,
+                            Act::Relu6,
+                            device,
+                        )?,
+                        ConvBn::load(
+                            sd,
+                            path,
+                            &format!("{p}.conv.2"),
+                            &format!("{p}.conv.3"),
+                            1,
+                            Act::None,
+                            device,
+                        )?,
+                    ]
+                } else {
+                    vec![
+                        ConvBn::load(
+                            sd,
+                            path,
+                            &format!("{p}.conv.0.0"),
+                            &format!("{p}.conv.0.1"),
+                            stride,
+                            Act::Relu6,
+                            device,
+                        )?,
+                        ConvBn::load(
+                            sd,
+                            path,
+                            &format!("{p}.conv.1"),
+                            &format!("{p}.conv.2"),
+                            1,
+                            Act::None,
+                            device,
+                        )?,
+                    ]
+                };
+                let (cin, cout) = (
+                    layers[0].in_channels(),
+                    layers.last().unwrap().out_channels(),
+                );
+                Stage {
+                    residual: stride == 1 && cin == cout,
+                    layers,
+                }
+            };
+            stages.push(stage);
+        }
+        // Consecutive stages must chain.
+        for w in stages.windows(2) {
+            let (out, inp) = (
+                w[0].layers.last().unwrap().out_channels(),
+                w[1].layers[0].in_channels(),
+            );
+            if out != inp {
+                return Err(FamError::weights(path, format!("stage outputs {out} channels but the next takes {inp}: not a torchvision MobileNetV2")));
+            }
+        }
+        let classifier = match (sd.get("classifier.1.weight"), sd.get("classifier.1.bias")) {
+            (Some(w), Some(b)) if layer == STAGES - 1 => Some((
+                w.to_dtype(DType::F32)?.to_device(device)?,
+                b.to_dtype(DType::F32)?.to_device(device)?,
+            )),
+            _ => None,
+        };
+        Ok(Self {
+            stages,
+            classifier,
+            layer,
+            device: device.clone(),
+            spec: InputSpec::imagenet(),
+        })
+    }
+
+    /// Loads weights from a file (safetensors, zip or legacy `.pth`).
+    pub fn load(path: &Path, layer: usize, device: &Device) -> Result<Self> {
+        let sd = weights::load_state_dict(path)?;
+        Self::from_state_dict(&sd, path, layer, device)
+    }
+
+    /// Feature maps at the chosen layer, `[B, C, h, w]`.
+    pub fn features(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = x.clone();
+        for s in &self.stages {
+            y = s.forward(&y)?;
+        }
+        Ok(y)
+    }
+
+    /// ImageNet logits `[B, 1000]` (only when cut at the last layer and the checkpoint has
+    /// the classifier).
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let (w, b) = self.classifier.as_ref().ok_or_else(|| {
+            FamError::invalid("this MobileNetV2 has no classifier (cut before features.18, or none in the checkpoint)")
+        })?;
+        let pooled = self.features(x)?.mean((2, 3))?;
+        Ok(pooled.matmul(&w.t()?)?.broadcast_add(b)?)
+    }
+
+    pub fn with_spec(mut self, spec: InputSpec) -> Self {
+        self.spec = spec;
+        self
+    }
+}
+
+impl Backbone for MobileNetV2 {
+    fn describe(&self) -> String {
+        format!("mobilenet_v2@features.{}", self.layer)
+    }
+    fn input_spec(&self) -> InputSpec {
+        self.spec.clone()
+    }
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
+    fn forward(&self, batch: &Tensor) -> Result<Features> {
+        Features::from_maps(self.features(batch)?)
+    }
+}
+
+/// Checks a backbone configuration without loading weights.
+pub fn validate(cfg: &fam_core::plugin::BackboneConfig) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if cfg.weights.is_none() {
+        out.push(Problem::new(
+            "weights",
+            "mobilenet_v2 needs a weights file (safetensors or .pth)",
+        ));
+    }
+    if let Some(layer) = &cfg.layer {
+        if let Err(e) = parse_layer(layer) {
+            out.push(Problem::new("layer", e));
+        }
+    }
+    for k in cfg.options.keys() {
+        out.push(Problem::new(
+            format!("options.{k}"),
+            format!("unknown option `{k}` (mobilenet_v2 takes none)"),
+        ));
+    }
+    out
+}

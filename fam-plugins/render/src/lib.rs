@@ -330,7 +330,7 @@ mod tests {
     fn options_are_checked() {
         let mut o = Options::new();
         o.insert("alpha".into(), 1.5.into());
-        o.insert("colour".into(), "jet".into());
+        o.insert("colormp".into(), "jet".into());
         o.insert("colormap".into(), "rainbow".into());
         let problems = check_options(&o, &["colormap", "alpha"]);
         let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();

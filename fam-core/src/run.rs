@@ -9,8 +9,8 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{CandleContext, FamError, Result};
 use crate::explain::{
-    channel_weights, fam_maps, Comparison, Explanation, ImageRecord, Map2, RunInfo, SaliencyMap,
-    Side,
+    channel_weights, embedding_weights, fam_maps, fam_maps_spatial, Comparison, Explanation,
+    ImageRecord, Map2, RunInfo, SaliencyMap, Side, Weighting,
 };
 use crate::output::{safe_stem, write_atomic, OutputDir};
 use crate::pipeline::{LoadedPipeline, TaskSection};
@@ -45,7 +45,17 @@ pub struct RunReport {
     pub items_ok: usize,
     pub failures: Vec<Failure>,
     pub files_written: usize,
+    pub counts: Counts,
     pub timings_ms: Timings,
+}
+
+/// How much work the run did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Counts {
+    /// Images that went through the backbone.
+    pub images_forwarded: usize,
+    /// Gallery embeddings and feature maps read from the cache instead.
+    pub cache_hits: usize,
 }
 
 /// Wall time of each stage, in milliseconds.
@@ -131,13 +141,17 @@ pub struct Embedded {
 
 /// Decodes, preprocesses and embeds `paths` in batches of `batch_size`. A file that cannot
 /// be read is reported in `slot` and the others go on.
+/// With `keep_maps = false` only embeddings are kept (a gallery's maps are not needed).
+#[allow(clippy::too_many_arguments)]
 pub fn embed_images(
     backbone: &dyn Backbone,
     spec: &InputSpec,
     paths: &[PathBuf],
     batch_size: usize,
+    keep_maps: bool,
     progress: &dyn Progress,
     timings: &mut Timings,
+    counts: &mut Counts,
 ) -> Result<Embedded> {
     let t0 = Instant::now();
     let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
@@ -190,7 +204,10 @@ pub fn embed_images(
                 .to_vec2::<f32>()
                 .ctx("copy embeddings to host")?,
         );
-        maps.push(f.maps);
+        if keep_maps {
+            maps.push(f.maps);
+        }
+        counts.images_forwarded += chunk.len();
         progress.advance(chunk.len() as u64);
     }
     progress.finish_stage();
@@ -208,19 +225,45 @@ pub fn embed_images(
     })
 }
 
-fn ms(t: Instant) -> f64 {
+pub(crate) fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
 /// One map to compute: explain image `image` with respect to embedding `reference`.
-struct MapJob {
-    image: usize,
-    weights: Vec<f32>,
+pub(crate) struct MapJob {
+    pub image: usize,
+    /// Channel weights (GAP backbones).
+    pub weights: Vec<f32>,
+    /// Embedding-space weights, pulled back through an affine head where there is one.
+    pub u: Vec<f32>,
+}
+
+impl MapJob {
+    /// The job explaining embedding `e` (of image `image`) with respect to `r`.
+    pub fn new(
+        similarity: &dyn Similarity,
+        weighting: Weighting,
+        image: usize,
+        e: &[f32],
+        r: &[f32],
+    ) -> Result<Self> {
+        Ok(Self {
+            image,
+            weights: channel_weights(similarity, weighting, e, r)?,
+            u: embedding_weights(similarity, weighting, e, r)?,
+        })
+    }
 }
 
 /// Computes all maps in one batched pass: gathers the explained images' feature maps and
 /// applies their channel weights.
-fn compute_maps(maps: &Tensor, jobs: &[MapJob], size: (usize, usize)) -> Result<Vec<SaliencyMap>> {
+pub(crate) fn compute_maps(
+    backbone: &dyn Backbone,
+    weighting: Weighting,
+    maps: &Tensor,
+    jobs: &[MapJob],
+    size: (usize, usize),
+) -> Result<Vec<SaliencyMap>> {
     if jobs.is_empty() {
         return Ok(vec![]);
     }
@@ -228,13 +271,31 @@ fn compute_maps(maps: &Tensor, jobs: &[MapJob], size: (usize, usize)) -> Result<
     let idx: Vec<u32> = jobs.iter().map(|j| j.image as u32).collect();
     let idx = Tensor::new(idx.as_slice(), device)?;
     let gathered = maps.index_select(&idx, 0)?;
-    let c = jobs[0].weights.len();
-    let flat: Vec<f32> = jobs
-        .iter()
-        .flat_map(|j| j.weights.iter().copied())
-        .collect();
-    let w = Tensor::from_vec(flat, (jobs.len(), c), device)?;
-    let (raw, up) = fam_maps(&gathered, &w, size.0, size.1)?;
+    let d = jobs[0].u.len();
+    let flat_u: Vec<f32> = jobs.iter().flat_map(|j| j.u.iter().copied()).collect();
+    let u = Tensor::from_vec(flat_u, (jobs.len(), d), device)?;
+    let pulled = if weighting == Weighting::Activation {
+        None
+    } else {
+        backbone.pullback(&u)?
+    };
+    let (raw, up) = match pulled {
+        // Affine head: exact spatial contributions (contribution), or Grad-CAM's spatially
+        // averaged gradient (gradient).
+        Some((w, _offset)) if weighting == Weighting::Contribution => {
+            fam_maps_spatial(&gathered, &w, size.0, size.1)?
+        }
+        Some((w, _offset)) => fam_maps(&gathered, &w.mean((2, 3))?, size.0, size.1)?,
+        None => {
+            let c = jobs[0].weights.len();
+            let flat: Vec<f32> = jobs
+                .iter()
+                .flat_map(|j| j.weights.iter().copied())
+                .collect();
+            let w = Tensor::from_vec(flat, (jobs.len(), c), device)?;
+            fam_maps(&gathered, &w, size.0, size.1)?
+        }
+    };
     let raw = Map2::from_batch(&raw)?;
     let up = Map2::from_batch(&up)?;
     Ok(raw
@@ -262,11 +323,23 @@ pub fn run_pipeline(
 
     let mut out = OutputDir::create(&output)?;
     let mut failures = Vec::new();
+    let mut counts = Counts::default();
+    let mut ctx = TaskContext {
+        p,
+        session: &session,
+        progress,
+        timings: &mut timings,
+        counts: &mut counts,
+        failures: &mut failures,
+    };
     let (explanation, items_total) = match &pl.task {
         TaskSection::Pair { pairs } => {
             let pairs: Vec<(PathBuf, PathBuf)> =
                 pairs.iter().map(|p| (p.a.clone(), p.b.clone())).collect();
-            run_pairs(p, &session, &pairs, progress, &mut timings, &mut failures)?
+            run_pairs(&mut ctx, &pairs)?
+        }
+        TaskSection::Retrieval { .. } => {
+            crate::retrieval::run_retrieval(&mut ctx, &mut out, &output)?
         }
     };
 
@@ -294,6 +367,7 @@ pub fn run_pipeline(
         items_total,
         items_ok: items_total.saturating_sub(items_failed),
         files_written: out.written().len() + 1,
+        counts,
         failures,
         timings_ms: timings,
     };
@@ -319,6 +393,7 @@ fn write_manifest(
             "ok": report.items_ok,
             "failed": report.items_total - report.items_ok,
         },
+        "counts": report.counts,
         "files": out.written(),
         "failures": report.failures,
         "timings_ms": report.timings_ms,
@@ -329,16 +404,45 @@ fn write_manifest(
     write_atomic(&out.root().join("manifest.json"), &bytes)
 }
 
+/// What a task needs from the run.
+pub(crate) struct TaskContext<'a> {
+    pub p: &'a LoadedPipeline,
+    pub session: &'a Session,
+    pub progress: &'a dyn Progress,
+    pub timings: &'a mut Timings,
+    pub counts: &'a mut Counts,
+    pub failures: &'a mut Vec<Failure>,
+}
+
+impl TaskContext<'_> {
+    pub fn info(&self, task: &str) -> RunInfo {
+        RunInfo {
+            task: task.into(),
+            backbone: self.session.backbone.describe(),
+            similarity: self.session.similarity.name(),
+            weighting: self.p.pipeline.explain.weighting.as_str().into(),
+            preprocessing: preprocess::describe(&self.session.spec),
+        }
+    }
+
+    pub fn embed(&mut self, paths: &[PathBuf], keep_maps: bool) -> Result<Embedded> {
+        embed_images(
+            self.session.backbone.as_ref(),
+            &self.session.spec,
+            paths,
+            self.p.pipeline.run.batch_size,
+            keep_maps,
+            self.progress,
+            self.timings,
+            self.counts,
+        )
+    }
+}
+
 /// The pair task: every pair gives a score and two maps (each image with respect to the
 /// other).
-fn run_pairs(
-    p: &LoadedPipeline,
-    session: &Session,
-    pairs: &[(PathBuf, PathBuf)],
-    progress: &dyn Progress,
-    timings: &mut Timings,
-    failures: &mut Vec<Failure>,
-) -> Result<(Explanation, usize)> {
+fn run_pairs(ctx: &mut TaskContext, pairs: &[(PathBuf, PathBuf)]) -> Result<(Explanation, usize)> {
+    let (p, session) = (ctx.p, ctx.session);
     // Each distinct image is decoded and embedded once, however many pairs use it.
     let mut unique: Vec<PathBuf> = Vec::new();
     let mut index: HashMap<PathBuf, usize> = HashMap::new();
@@ -355,14 +459,7 @@ fn run_pairs(
         let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
         index[&key]
     };
-    let emb = embed_images(
-        session.backbone.as_ref(),
-        &session.spec,
-        &unique,
-        p.pipeline.run.batch_size,
-        progress,
-        timings,
-    )?;
+    let emb = ctx.embed(&unique, true)?;
 
     let images = image_records(&unique, &emb);
     let t = Instant::now();
@@ -379,8 +476,8 @@ fn run_pairs(
             let sim = session.similarity.as_ref();
             let score = sim.score(ea, eb)?;
             let distance = sim.distance(ea, eb)?;
-            let wa = channel_weights(sim, weighting, ea, eb)?;
-            let wb = channel_weights(sim, weighting, eb, ea)?;
+            let ja = MapJob::new(sim, weighting, ia, ea, eb)?;
+            let jb = MapJob::new(sim, weighting, ib, eb, ea)?;
             let id = format!("pair-{:02}_{}_vs_{}", i + 1, images[ia].id, images[ib].id);
             let side = |idx: usize| Side {
                 label: images[idx].id.clone(),
@@ -394,17 +491,10 @@ fn run_pairs(
                     reference: side(ib),
                     score,
                     distance,
+                    group: None,
+                    rank: None,
                 },
-                [
-                    MapJob {
-                        image: ia,
-                        weights: wa,
-                    },
-                    MapJob {
-                        image: ib,
-                        weights: wb,
-                    },
-                ],
+                [ja, jb],
             ))
         })();
         match result {
@@ -416,7 +506,7 @@ fn run_pairs(
             }
             Err(e) => {
                 tracing::error!(pair = i + 1, error = %e, "pair failed");
-                failures.push(Failure {
+                ctx.failures.push(Failure {
                     item,
                     error: e.to_string(),
                 });
@@ -425,22 +515,23 @@ fn run_pairs(
     }
     if let Some(maps) = &emb.maps {
         let (h, w) = session.spec.input_size();
-        let mut computed = compute_maps(maps, &jobs, (h as usize, w as usize))?.into_iter();
+        let mut computed = compute_maps(
+            session.backbone.as_ref(),
+            weighting,
+            maps,
+            &jobs,
+            (h as usize, w as usize),
+        )?
+        .into_iter();
         for c in &mut comparisons {
             c.query.map = computed.next();
             c.reference.map = computed.next();
         }
     }
-    timings.fam += ms(t);
+    ctx.timings.fam += ms(t);
 
     let explanation = Explanation {
-        info: RunInfo {
-            task: "pair".into(),
-            backbone: session.backbone.describe(),
-            similarity: session.similarity.name(),
-            weighting: weighting.as_str().into(),
-            preprocessing: preprocess::describe(&session.spec),
-        },
+        info: ctx.info("pair"),
         images,
         comparisons,
     };
@@ -449,20 +540,33 @@ fn run_pairs(
 
 /// Records of the images that were embedded, with ids unique within the run.
 fn image_records(paths: &[PathBuf], emb: &Embedded) -> Vec<ImageRecord> {
-    let mut used: HashMap<String, usize> = HashMap::new();
+    let mut ids = UniqueIds::default();
     let mut out = Vec::new();
     for (path, slot) in paths.iter().zip(&emb.slot) {
         let Ok(i) = slot else { continue };
-        let stem = safe_stem(path);
-        let n = used.entry(stem.clone()).or_insert(0);
-        *n += 1;
-        let id = if *n == 1 { stem } else { format!("{stem}-{n}") };
         debug_assert_eq!(out.len(), *i);
         out.push(ImageRecord {
-            id,
+            id: ids.id(path),
             source: path.clone(),
             view: emb.views[*i].view.clone(),
         });
     }
     out
+}
+
+/// File-name-safe ids, unique within a run (`cat`, `cat-2`, ...).
+#[derive(Debug, Default)]
+pub(crate) struct UniqueIds(HashMap<String, usize>);
+
+impl UniqueIds {
+    pub fn id(&mut self, path: &Path) -> String {
+        let stem = safe_stem(path);
+        let n = self.0.entry(stem.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            stem
+        } else {
+            format!("{stem}-{n}")
+        }
+    }
 }

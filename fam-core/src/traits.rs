@@ -76,6 +76,29 @@ pub trait Backbone: Send + Sync {
     fn device(&self) -> Device;
     /// Runs a normalized batch `[B, 3, H, W]` (f32, on [`Backbone::device`]).
     fn forward(&self, batch: &Tensor) -> Result<Features>;
+
+    /// The layers one can explain at, with their output shapes for one image.
+    fn layers(&self) -> Result<Vec<LayerInfo>> {
+        Ok(vec![])
+    }
+
+    /// For a backbone whose embedding is an affine head of the feature maps,
+    /// `z = L(A) + z0` (DESIGN.md section 1.3): the pullback `Lᵀ u` of embedding-space
+    /// weights `u` (`[P, D]`), as spatial weights `[P, C, h, w]`, and the offset `z0`.
+    /// `None` (the default) means the embedding is the global average pool of the maps.
+    fn pullback(&self, _u: &Tensor) -> Result<Option<(Tensor, Vec<f32>)>> {
+        Ok(None)
+    }
+}
+
+/// A layer a backbone can be explained at.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LayerInfo {
+    pub name: String,
+    /// The operator producing it (e.g. `Conv`, `PRelu`).
+    pub op: String,
+    /// Output shape for a batch of one, e.g. `[1, 512, 7, 7]`.
+    pub shape: Vec<usize>,
 }
 
 /// A similarity between two embeddings whose score splits into per-channel contributions.

@@ -3,5 +3,6 @@
 
 mod pair;
 mod plugins;
+mod retrieval;
 mod util;
 mod validate;

@@ -106,6 +106,27 @@ impl Canvas {
         c
     }
 
+    /// Nearest-neighbour enlargement by an integer factor (small model inputs, e.g. 112 px
+    /// faces, are hard to read at their own size).
+    pub fn scaled(&self, k: u32) -> Canvas {
+        if k <= 1 {
+            return self.clone();
+        }
+        let (w, h) = (self.width * k, self.height * k);
+        let mut data = Vec::with_capacity((w * h * 3) as usize);
+        for y in 0..h {
+            for x in 0..w {
+                let i = (((y / k) * self.width + x / k) * 3) as usize;
+                data.extend_from_slice(&self.data[i..i + 3]);
+            }
+        }
+        Canvas {
+            width: w,
+            height: h,
+            data,
+        }
+    }
+
     pub fn put(&mut self, x: u32, y: u32, rgb: [u8; 3]) {
         if x < self.width && y < self.height {
             let i = ((y * self.width + x) * 3) as usize;

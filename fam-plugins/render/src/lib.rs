@@ -151,8 +151,22 @@ impl Renderer for Panel {
         "panel".into()
     }
     fn render(&self, e: &Explanation, out: &mut dyn OutputSink) -> Result<()> {
+        // Grouped comparisons (a retrieval query and its hits) get one ranking panel.
+        let mut groups: Vec<(&str, Vec<&Comparison>)> = Vec::new();
         for c in &e.comparisons {
-            out.write(&format!("panels/{}.png", c.id), &self.panel(e, c)?.png()?)?;
+            match &c.group {
+                Some(g) => match groups.iter_mut().find(|(name, _)| name == g) {
+                    Some((_, v)) => v.push(c),
+                    None => groups.push((g.as_str(), vec![c])),
+                },
+                None => out.write(&format!("panels/{}.png", c.id), &self.panel(e, c)?.png()?)?,
+            }
+        }
+        for (name, items) in groups {
+            out.write(
+                &format!("panels/{name}.png"),
+                &self.ranking(e, name, &items)?.png()?,
+            )?;
         }
         Ok(())
     }
@@ -182,6 +196,10 @@ impl Panel {
         // Order: A, map A, map B, B.
         if tiles.len() == 4 {
             tiles.swap(2, 3);
+        }
+        let k = zoom(tiles.iter().map(|t| t.0.width).max().unwrap_or(224));
+        for t in &mut tiles {
+            t.0 = t.0.scaled(k);
         }
         let tile_w = tiles.iter().map(|t| t.0.width).max().unwrap_or(224);
         let tile_h = tiles.iter().map(|t| t.0.height).max().unwrap_or(224);
@@ -229,6 +247,110 @@ impl Panel {
         }
         canvas.text(bar_x + 40 + bar_w, bar_y + 2, "high", 1, [80, 80, 80]);
         Ok(canvas)
+    }
+}
+
+impl Panel {
+    /// One query and its ranked hits: row 1 the query and its map w.r.t. each hit, row 2 the
+    /// hits, row 3 each hit's map w.r.t. the query.
+    pub fn ranking(&self, e: &Explanation, name: &str, items: &[&Comparison]) -> Result<Canvas> {
+        let first = items
+            .first()
+            .ok_or_else(|| FamError::invalid("empty group"))?;
+        let k = zoom(
+            first
+                .query
+                .image
+                .map(|i| e.images[i].view.width)
+                .unwrap_or(224),
+        );
+        let tile = |c: Canvas| c.scaled(k);
+        let qimg = first
+            .query
+            .image
+            .map(|i| tile(Canvas::from_rgb(&e.images[i].view)));
+        let (tile_w, tile_h) = qimg
+            .as_ref()
+            .map(|c| (c.width, c.height))
+            .unwrap_or((224, 224));
+        let (gap, caption) = (8u32, 14u32);
+        let cols = 1 + items.len() as u32;
+        let width = (gap + cols * (tile_w + gap)).max(480);
+        let title = format!("query {name}: top {} by {}", items.len(), e.info.similarity);
+        let sub = format!(
+            "FAM ({} weights) at {}; input: {}",
+            e.info.weighting, e.info.backbone, e.info.preprocessing
+        );
+        let title_lines = wrap(&title, ((width - 2 * gap) / 16) as usize);
+        let sub_lines = wrap(&sub, ((width - 2 * gap) / 8) as usize);
+        let header = 6 + 20 * title_lines.len() as u32 + 10 * sub_lines.len() as u32 + 8;
+        let row_h = tile_h + caption + gap;
+        let height = header + 3 * row_h + gap;
+        let mut canvas = Canvas::new(width, height, [255, 255, 255]);
+        for (i, line) in title_lines.iter().enumerate() {
+            canvas.text(gap, 6 + 20 * i as u32, line, 2, [0, 0, 0]);
+        }
+        let sub_top = 6 + 20 * title_lines.len() as u32 + 2;
+        for (i, line) in sub_lines.iter().enumerate() {
+            canvas.text(gap, sub_top + 10 * i as u32, line, 1, [80, 80, 80]);
+        }
+        let max_chars = (tile_w / 8) as usize;
+        let put = |canvas: &mut Canvas, col: u32, row: u32, tile: Option<Canvas>, label: String| {
+            let (x, y) = (gap + col * (tile_w + gap), header + row * row_h);
+            if let Some(t) = tile {
+                canvas.blit(&t, x, y);
+            }
+            let label: String = label.chars().take(max_chars).collect();
+            canvas.text(x, y + tile_h + 3, &label, 1, [0, 0, 0]);
+        };
+        put(
+            &mut canvas,
+            0,
+            0,
+            qimg,
+            format!("query {}", first.query.label),
+        );
+        put(&mut canvas, 0, 1, None, "hits ->".into());
+        put(&mut canvas, 0, 2, None, "hit maps w.r.t. query".into());
+        for (j, c) in items.iter().enumerate() {
+            let col = 1 + j as u32;
+            let rank = c.rank.unwrap_or(j + 1);
+            put(
+                &mut canvas,
+                col,
+                0,
+                self.0.overlay(e, &c.query).map(tile),
+                format!("map w.r.t. #{rank}"),
+            );
+            let himg = c
+                .reference
+                .image
+                .map(|i| tile(Canvas::from_rgb(&e.images[i].view)));
+            put(
+                &mut canvas,
+                col,
+                1,
+                himg,
+                format!("#{rank} {:.3} {}", c.score, c.reference.label),
+            );
+            put(
+                &mut canvas,
+                col,
+                2,
+                self.0.overlay(e, &c.reference).map(tile),
+                format!("#{rank} map"),
+            );
+        }
+        Ok(canvas)
+    }
+}
+
+/// Enlargement factor for panel tiles: inputs under 160 px are drawn twice as large.
+fn zoom(tile_width: u32) -> u32 {
+    if tile_width < 160 {
+        2
+    } else {
+        1
     }
 }
 

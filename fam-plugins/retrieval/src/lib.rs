@@ -5,7 +5,6 @@
 //!   same layout), feature layers `features.0` .. `features.18` (default: `features.18`,
 //!   1280x7x7 at 224 px); embedding = global average pooling of the feature layer.
 
-pub mod layers;
 pub mod mobilenet;
 
 use fam_core::plugin::Registrar;

@@ -6,7 +6,7 @@ use fam_core::candle::{DType, Device, Tensor};
 use fam_core::weights::{self, StateDict};
 use fam_core::{Backbone, FamError, Features, InputSpec, Problem, Result};
 
-use crate::layers::{Act, ConvBn};
+use fam_nn::{Act, ConvBn};
 
 /// torchvision's inverted-residual settings: expansion t, channels c, repeats n, stride s.
 const SETTINGS: [(usize, usize, usize, usize); 7] = [
@@ -86,8 +86,39 @@ pub fn parse_layer(layer: &str) -> std::result::Result<usize, String> {
         })
 }
 
+/// Parameter naming of a MobileNetV2 checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// torchvision (`features.N.conv.0.0.weight`, ...).
+    Torchvision,
+    /// The original MobileNetV2 code, as used by deep-sort's re-id embedder
+    /// (`features.N.conv.0.weight`, `conv.3`, `conv.6`, ...).
+    Flat,
+}
+
+impl Layout {
+    /// Detects the layout from the parameter names.
+    pub fn detect(sd: &StateDict) -> Self {
+        if sd.contains_key("features.1.conv.3.weight")
+            && !sd.contains_key("features.1.conv.0.0.weight")
+        {
+            Layout::Flat
+        } else {
+            Layout::Torchvision
+        }
+    }
+
+    /// A parameter that exists only in blocks with an expansion layer.
+    fn expand_probe(self) -> &'static str {
+        match self {
+            Layout::Torchvision => "3",
+            Layout::Flat => "7",
+        }
+    }
+}
+
 impl MobileNetV2 {
-    /// Builds the network from a torchvision state dict, up to and including `layer`.
+    /// Builds the network from a state dict (either [`Layout`]), up to and including `layer`.
     pub fn from_state_dict(
         sd: &StateDict,
         path: &Path,
@@ -95,6 +126,7 @@ impl MobileNetV2 {
         device: &Device,
     ) -> Result<Self> {
         let strides = strides();
+        let layout = Layout::detect(sd);
         let mut stages = Vec::with_capacity(layer + 1);
         #[allow(clippy::needless_range_loop)] // i names the layer and indexes the strides
         for i in 0..=layer.min(STAGES - 1) {
@@ -115,58 +147,39 @@ impl MobileNetV2 {
                 }
             } else {
                 let stride = strides[i];
-                let expand = sd.contains_key(&format!("{p}.conv.3.weight"));
-                let layers = if expand {
-                    vec![
-                        ConvBn::load(
-                            sd,
-                            path,
-                            &format!("{p}.conv.0.0"),
-                            &format!("{p}.conv.0.1"),
-                            1,
-                            Act::Relu6,
-                            device,
-                        )?,
-                        ConvBn::load(
-                            sd,
-                            path,
-                            &format!("{p}.conv.1.0"),
-                            &format!("{p}.conv.1.1"),
-                            stride,
-                            Act::Relu6,
-                            device,
-                        )?,
-                        ConvBn::load(
-                            sd,
-                            path,
-                            &format!("{p}.conv.2"),
-                            &format!("{p}.conv.3"),
-                            1,
-                            Act::None,
-                            device,
-                        )?,
-                    ]
-                } else {
-                    vec![
-                        ConvBn::load(
-                            sd,
-                            path,
-                            &format!("{p}.conv.0.0"),
-                            &format!("{p}.conv.0.1"),
-                            stride,
-                            Act::Relu6,
-                            device,
-                        )?,
-                        ConvBn::load(
-                            sd,
-                            path,
-                            &format!("{p}.conv.1"),
-                            &format!("{p}.conv.2"),
-                            1,
-                            Act::None,
-                            device,
-                        )?,
-                    ]
+                let c = |conv: &str, bn: &str, stride: usize, act: Act| {
+                    ConvBn::load(
+                        sd,
+                        path,
+                        &format!("{p}.conv.{conv}"),
+                        &format!("{p}.conv.{bn}"),
+                        stride,
+                        act,
+                        device,
+                    )
+                };
+                let expand = sd.contains_key(&format!("{p}.conv.{}.weight", layout.expand_probe()));
+                let layers = match (layout, expand) {
+                    // torchvision: conv.0 = [pw, bn], conv.1 = [dw, bn], conv.2 = pw, conv.3 = bn
+                    (Layout::Torchvision, true) => vec![
+                        c("0.0", "0.1", 1, Act::Relu6)?,
+                        c("1.0", "1.1", stride, Act::Relu6)?,
+                        c("2", "3", 1, Act::None)?,
+                    ],
+                    (Layout::Torchvision, false) => vec![
+                        c("0.0", "0.1", stride, Act::Relu6)?,
+                        c("1", "2", 1, Act::None)?,
+                    ],
+                    // original MobileNetV2 code (flat Sequential, ReLU6 in slots 2 and 5):
+                    // pw 0/1, dw 3/4, pw 6/7
+                    (Layout::Flat, true) => vec![
+                        c("0", "1", 1, Act::Relu6)?,
+                        c("3", "4", stride, Act::Relu6)?,
+                        c("6", "7", 1, Act::None)?,
+                    ],
+                    (Layout::Flat, false) => {
+                        vec![c("0", "1", stride, Act::Relu6)?, c("3", "4", 1, Act::None)?]
+                    }
                 };
                 let (cin, cout) = (
                     layers[0].in_channels(),
@@ -248,6 +261,25 @@ impl Backbone for MobileNetV2 {
     }
     fn forward(&self, batch: &Tensor) -> Result<Features> {
         Features::from_maps(self.features(batch)?)
+    }
+    fn layers(&self) -> Result<Vec<fam_core::LayerInfo>> {
+        let (h, w) = self.spec.input_size();
+        let mut y = Tensor::zeros((1, 3, h as usize, w as usize), DType::F32, &self.device)?;
+        let mut out = Vec::new();
+        for (i, s) in self.stages.iter().enumerate() {
+            y = s.forward(&y)?;
+            out.push(fam_core::LayerInfo {
+                name: format!("features.{i}"),
+                op: if i == 0 || i == STAGES - 1 {
+                    "ConvBNReLU6"
+                } else {
+                    "InvertedResidual"
+                }
+                .into(),
+                shape: y.dims().to_vec(),
+            });
+        }
+        Ok(out)
     }
 }
 

@@ -1,5 +1,5 @@
-//! Inference layers shared by the CNNs of this plugin, with BatchNorm folded into the
-//! convolutions at load time.
+//! fam-nn: inference layers shared by the CNN plugins, with BatchNorm folded into the
+//! convolutions at load time, and a fast depthwise convolution.
 
 use fam_core::candle::{DType, Device, IndexOp, Tensor};
 use fam_core::weights::{self, StateDict};

@@ -1,0 +1,329 @@
+//! fam plugin `onnx`: any ONNX CNN as a backbone, explained at any named value.
+//!
+//! ```toml
+//! [backbone]
+//! plugin = "onnx"
+//! kind = "onnx"
+//! weights = "model.onnx"
+//! layer = "507"                  # any intermediate value (`fam-cli layers model.onnx`)
+//! [backbone.options]
+//! input = "input"                # default: the graph's first input
+//! embedding = "output"           # "gap" (default): GAP of the layer; "output": the model's
+//! output = "output"              #   own output, through its affine head (exact FAM)
+//! size = [112, 112]              # input height, width (default: the graph's, else 224)
+//! ```
+//!
+//! The model is parsed and its weights converted once; each batch evaluates only the nodes
+//! the layer (and output) need, freeing intermediates after their last use.
+
+pub mod graph;
+pub mod head;
+pub mod ops;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use fam_core::candle::{DType, Device, Tensor};
+use fam_core::plugin::{BackboneConfig, Registrar};
+use fam_core::{Backbone, FamError, Features, InputSpec, LayerInfo, Problem, ResizePolicy, Result};
+
+use graph::Graph;
+use head::Head;
+
+fam_core::export_plugin!(name: "onnx", register: register);
+
+/// Registers the `onnx` backbone.
+pub fn register(r: &mut Registrar) {
+    r.backbone(
+        "onnx",
+        "any ONNX CNN; layer = a value name; embedding = \"gap\" or \"output\" (through an affine head)",
+        validate_config,
+        |cfg, device| Ok(Box::new(OnnxBackbone::load(cfg, device)?)),
+    );
+}
+
+const OPTIONS: [&str; 4] = ["input", "embedding", "output", "size"];
+
+/// Checks a configuration (parses the model to check the layer name; loads no weights onto a device).
+pub fn validate_config(cfg: &BackboneConfig) -> Vec<Problem> {
+    let mut out = Vec::new();
+    match &cfg.weights {
+        None => out.push(Problem::new(
+            "weights",
+            "the onnx backbone needs `weights = \"model.onnx\"`",
+        )),
+        Some(w) if w.extension().is_some_and(|e| e != "onnx") => out.push(Problem::new(
+            "weights",
+            format!("{} does not look like an ONNX model (.onnx)", w.display()),
+        )),
+        _ => {}
+    }
+    if cfg.layer.is_none() {
+        out.push(Problem::new(
+            "layer",
+            "name the value to explain at (`fam-cli layers MODEL.onnx` lists them)",
+        ));
+    }
+    for (k, v) in &cfg.options {
+        match k.as_str() {
+            "embedding" => {
+                if !matches!(v.as_str(), Some("gap") | Some("output")) {
+                    out.push(Problem::new(
+                        "options.embedding",
+                        format!("{v} is not \"gap\" or \"output\""),
+                    ));
+                }
+            }
+            "input" | "output" => {
+                if v.as_str().is_none() {
+                    out.push(Problem::new(
+                        format!("options.{k}"),
+                        format!("{v} is not a string"),
+                    ));
+                }
+            }
+            "size" => {
+                let ok = v.as_array().is_some_and(|a| {
+                    a.len() == 2
+                        && a.iter()
+                            .all(|x| x.as_integer().is_some_and(|i| (1..=4096).contains(&i)))
+                });
+                if !ok {
+                    out.push(Problem::new(
+                        "options.size",
+                        format!("{v} is not [height, width]"),
+                    ));
+                }
+            }
+            _ => {
+                let hint = fam_core::pipeline::closest(k, &OPTIONS)
+                    .map(|c| format!("; did you mean `{c}`?"))
+                    .unwrap_or_default();
+                out.push(Problem::new(
+                    format!("options.{k}"),
+                    format!("unknown option `{k}`{hint}"),
+                ));
+            }
+        }
+    }
+    // Check the layer name against the graph: parsing the file is cheap next to a run.
+    if let (Some(w), Some(layer)) = (&cfg.weights, &cfg.layer) {
+        if w.is_file() {
+            match Graph::load(w, &Device::Cpu) {
+                Ok(g) => {
+                    if !g.has_value(layer) {
+                        let values = g.values();
+                        let names: Vec<&str> = values.iter().map(|(n, _)| n.as_str()).collect();
+                        let hint = fam_core::pipeline::closest(layer, &names)
+                            .map(|c| format!("; did you mean `{c}`?"))
+                            .unwrap_or_default();
+                        out.push(Problem::new(
+                            "layer",
+                            format!(
+                                "no value `{layer}` in {}{hint} (`fam-cli layers {}` lists them)",
+                                w.display(),
+                                w.display()
+                            ),
+                        ));
+                    }
+                }
+                Err(e) => out.push(Problem::new("weights", e.to_string())),
+            }
+        }
+    }
+    out
+}
+
+/// An ONNX model cut at a named value.
+pub struct OnnxBackbone {
+    graph: Graph,
+    input: String,
+    layer: String,
+    output: Option<String>,
+    plan: Vec<usize>,
+    head: Option<Head>,
+    spec: InputSpec,
+}
+
+impl std::fmt::Debug for OnnxBackbone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "OnnxBackbone({}@{})",
+            self.graph.path.display(),
+            self.layer
+        )
+    }
+}
+
+impl OnnxBackbone {
+    pub fn load(cfg: &BackboneConfig, device: &Device) -> Result<Self> {
+        let path = cfg
+            .weights
+            .as_deref()
+            .ok_or_else(|| FamError::invalid("onnx needs `weights`"))?;
+        let t = std::time::Instant::now();
+        let graph = Graph::load(path, device)?;
+        // Without a layer (e.g. `fam-cli layers`), the first output stands in.
+        let layer = cfg
+            .layer
+            .clone()
+            .unwrap_or_else(|| graph.outputs[0].clone());
+        let opt = |k: &str| {
+            cfg.options
+                .get(k)
+                .and_then(|v| v.as_str())
+                .map(String::from)
+        };
+        let input = opt("input").unwrap_or_else(|| graph.inputs[0].0.clone());
+        let declared = graph
+            .inputs
+            .iter()
+            .find(|(n, _)| *n == input)
+            .map(|(_, s)| s.clone())
+            .ok_or_else(|| FamError::weights(path, format!("no graph input `{input}`")))?;
+        let size = match cfg.options.get("size").and_then(|v| v.as_array()) {
+            Some(a) => (
+                a[0].as_integer().unwrap_or(224) as u32,
+                a[1].as_integer().unwrap_or(224) as u32,
+            ),
+            None => match declared.as_slice() {
+                [_, _, h, w] if *h > 0 && *w > 0 => (*h as u32, *w as u32),
+                _ => (224, 224),
+            },
+        };
+        if !graph.has_value(&layer) {
+            return Err(FamError::weights(
+                path,
+                format!("no value `{layer}` in the graph"),
+            ));
+        }
+        let output = match opt("embedding").as_deref() {
+            Some("output") => Some(opt("output").unwrap_or_else(|| graph.outputs[0].clone())),
+            _ => None,
+        };
+        let mut targets = vec![layer.as_str()];
+        if let Some(o) = &output {
+            targets.push(o.as_str());
+        }
+        let plan = graph.plan(&targets)?;
+        let spec = InputSpec {
+            resize: ResizePolicy::Exact {
+                width: size.1,
+                height: size.0,
+            },
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        };
+        let mut me = Self {
+            graph,
+            input,
+            layer,
+            output,
+            plan,
+            head: None,
+            spec,
+        };
+        if let Some(o) = me.output.clone() {
+            // One probe batch gives the layer's shape; the head is then built on zeros.
+            let probe =
+                Tensor::zeros((1, 3, size.0 as usize, size.1 as usize), DType::F32, device)?;
+            let maps = me
+                .run(&probe)?
+                .remove(&me.layer)
+                .ok_or_else(|| FamError::invalid("layer not computed"))?;
+            let head = Head::build(&me.graph, &me.layer, &o, maps.dims())?;
+            tracing::info!(head = %head::describe(&head), "affine head after the feature layer");
+            me.head = Some(head);
+        }
+        tracing::info!(model = %path.display(), layer = %me.layer, nodes = me.plan.len(), ms = t.elapsed().as_millis() as u64, "onnx model loaded");
+        Ok(me)
+    }
+
+    fn run(&self, batch: &Tensor) -> Result<HashMap<String, Tensor>> {
+        let mut targets = vec![self.layer.as_str()];
+        if let Some(o) = &self.output {
+            targets.push(o.as_str());
+        }
+        let feeds = HashMap::from([(self.input.clone(), batch.clone())]);
+        self.graph.run(&self.plan, feeds, &targets)
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+}
+
+impl Backbone for OnnxBackbone {
+    fn describe(&self) -> String {
+        let name = Path::new(&self.graph.path)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match &self.output {
+            Some(o) => format!("{name}@{} (embedding: {o})", self.layer),
+            None => format!("{name}@{}", self.layer),
+        }
+    }
+    fn input_spec(&self) -> InputSpec {
+        self.spec.clone()
+    }
+    fn device(&self) -> Device {
+        self.graph.device.clone()
+    }
+    fn forward(&self, batch: &Tensor) -> Result<Features> {
+        let mut out = self.run(batch)?;
+        let maps = out
+            .remove(&self.layer)
+            .ok_or_else(|| FamError::invalid("layer not computed"))?;
+        if maps.rank() != 4 {
+            return Err(FamError::invalid(format!(
+                "layer `{}` has shape {:?}; FAM needs a 4-D feature map [B, C, h, w]",
+                self.layer,
+                maps.dims()
+            )));
+        }
+        let maps = maps.to_dtype(DType::F32)?;
+        match &self.output {
+            None => Features::from_maps(maps),
+            Some(o) => {
+                let z = out
+                    .remove(o)
+                    .ok_or_else(|| FamError::invalid("output not computed"))?;
+                let b = maps.dims()[0];
+                let embeddings = z
+                    .to_dtype(DType::F32)?
+                    .reshape((b, z.elem_count() / b.max(1)))?;
+                Ok(Features { maps, embeddings })
+            }
+        }
+    }
+    fn layers(&self) -> Result<Vec<LayerInfo>> {
+        let (h, w) = self.spec.input_size();
+        let probe = Tensor::zeros(
+            (1, 3, h as usize, w as usize),
+            DType::F32,
+            &self.graph.device,
+        )?;
+        let values = self.graph.values();
+        let names: Vec<&str> = values.iter().map(|(n, _)| n.as_str()).collect();
+        let plan = self.graph.plan(&names)?;
+        let out = self
+            .graph
+            .run(&plan, HashMap::from([(self.input.clone(), probe)]), &names)?;
+        Ok(values
+            .iter()
+            .map(|(n, op)| LayerInfo {
+                name: n.clone(),
+                op: op.clone(),
+                shape: out.get(n).map(|t| t.dims().to_vec()).unwrap_or_default(),
+            })
+            .collect())
+    }
+    fn pullback(&self, u: &Tensor) -> Result<Option<(Tensor, Vec<f32>)>> {
+        match &self.head {
+            None => Ok(None),
+            Some(h) => Ok(Some((h.pullback(u)?, h.offset.clone()))),
+        }
+    }
+}

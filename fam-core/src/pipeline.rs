@@ -193,6 +193,68 @@ pub enum TaskSection {
         #[serde(default)]
         cache_dir: Option<PathBuf>,
     },
+    /// An N-way K-shot episode: `support/<class>/*` and `query/*` (or `query/<class>/*` for
+    /// accuracy). Prototypes are mean support embeddings.
+    FewShot {
+        support: PathBuf,
+        query: PathBuf,
+        /// Map each query against every class, not only the predicted one.
+        #[serde(default)]
+        all_classes: bool,
+        /// Feature transform before matching: "none", "l2n", or "cl2n" (SimpleShot:
+        /// centre on the mean support embedding, then L2-normalize).
+        #[serde(default)]
+        transform: Transform,
+        /// "none", or "others": explain the margin of the class over the other classes.
+        #[serde(default)]
+        contrast: Contrast,
+    },
+    /// Contrastive-model evaluation: a labelled reference bank (`bank/<class>/*`), queries
+    /// (`queries/*` or `queries/<class>/*`), kNN or nearest centroid.
+    Classify {
+        bank: PathBuf,
+        queries: PathBuf,
+        #[serde(default)]
+        method: ClassifyMethod,
+        /// Neighbours for kNN (similarity-weighted vote).
+        #[serde(default = "default_k")]
+        k: usize,
+        #[serde(default)]
+        transform: Transform,
+    },
+}
+
+fn default_k() -> usize {
+    5
+}
+
+/// Embedding transforms used by strong few-shot baselines (SimpleShot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transform {
+    #[default]
+    None,
+    L2n,
+    Cl2n,
+}
+
+/// What a map explains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Contrast {
+    /// The similarity to the reference.
+    #[default]
+    None,
+    /// The reference's margin over the mean of the competing references.
+    Others,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClassifyMethod {
+    #[default]
+    Knn,
+    Centroid,
 }
 
 fn default_top_k() -> usize {
@@ -268,6 +330,8 @@ impl TaskSection {
         match self {
             TaskSection::Pair { .. } => "pair",
             TaskSection::Retrieval { .. } => "retrieval",
+            TaskSection::FewShot { .. } => "few_shot",
+            TaskSection::Classify { .. } => "classify",
         }
     }
 }
@@ -277,6 +341,70 @@ impl TaskSection {
 pub struct PairSpec {
     pub a: PathBuf,
     pub b: PathBuf,
+}
+
+/// Images of a folder: `folder/<class>/*` gives labelled images; plain files in `folder` are
+/// unlabelled. Sorted by class, then by name.
+pub fn labelled_images(folder: &Path) -> Result<Vec<(Option<String>, PathBuf)>> {
+    let mut out = Vec::new();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(folder)
+        .map_err(|e| FamError::io(folder, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            let class = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            for f in ImageSet::Folder(p.clone()).files()? {
+                out.push((Some(class.clone()), f));
+            }
+        } else if p.extension().is_some_and(|e| {
+            IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str())
+        }) {
+            out.push((None, p));
+        }
+    }
+    Ok(out)
+}
+
+fn labelled_problems(folder: &Path, field: &str, need_labels: bool) -> Vec<Problem> {
+    match labelled_images(folder) {
+        Err(e) => vec![Problem::new(field, e.to_string())],
+        Ok(v) if v.is_empty() => vec![Problem::new(
+            field,
+            format!("no images (PNG or JPEG) in {}", folder.display()),
+        )],
+        Ok(v) if need_labels && v.iter().any(|(c, _)| c.is_none()) => vec![Problem::new(
+            field,
+            format!(
+                "{} must hold one folder per class (<class>/*.png); found loose files",
+                folder.display()
+            ),
+        )],
+        Ok(v) if need_labels => {
+            // A class folder with no images is an error, not a silently smaller episode.
+            let mut problems = Vec::new();
+            if let Ok(rd) = std::fs::read_dir(folder) {
+                for d in rd
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.is_dir())
+                {
+                    let name = d
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    if !v.iter().any(|(c, _)| c.as_deref() == Some(name.as_str())) {
+                        problems.push(Problem::new(field, format!("class `{name}` has no images")));
+                    }
+                }
+            }
+            problems
+        }
+        Ok(_) => vec![],
+    }
 }
 
 /// A parsed pipeline with its paths resolved against the pipeline file's folder.
@@ -332,6 +460,14 @@ impl LoadedPipeline {
                 if let Some(d) = cache_dir.as_mut() {
                     fix(d);
                 }
+            }
+            TaskSection::FewShot { support, query, .. } => {
+                fix(support);
+                fix(query);
+            }
+            TaskSection::Classify { bank, queries, .. } => {
+                fix(bank);
+                fix(queries);
             }
         }
         Ok(Self {
@@ -463,6 +599,19 @@ impl LoadedPipeline {
                 problems.extend(gallery.problems("task.gallery"));
                 if *top_k == 0 {
                     problems.push(Problem::new("task.top_k", "0 keeps no hits; use 1 or more"));
+                }
+            }
+            TaskSection::FewShot { support, query, .. } => {
+                problems.extend(labelled_problems(support, "task.support", true));
+                problems.extend(labelled_problems(query, "task.query", false));
+            }
+            TaskSection::Classify {
+                bank, queries, k, ..
+            } => {
+                problems.extend(labelled_problems(bank, "task.bank", true));
+                problems.extend(labelled_problems(queries, "task.queries", false));
+                if *k == 0 {
+                    problems.push(Problem::new("task.k", "0 neighbours; use 1 or more"));
                 }
             }
         }

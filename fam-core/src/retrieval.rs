@@ -9,11 +9,11 @@ use candle_core::Tensor;
 
 use crate::cache::{sha256_hex, FeatureCache};
 use crate::error::{CandleContext, FamError, Result};
-use crate::explain::{Comparison, Explanation, ImageRecord, Side};
+use crate::explain::{rank_key, Comparison, Explanation, ImageRecord, Side};
 use crate::output::{OutputDir, OutputSink};
 use crate::pipeline::TaskSection;
 use crate::preprocess::{self, Prepared};
-use crate::run::{compute_maps, ms, Failure, MapJob, TaskContext, UniqueIds};
+use crate::run::{ms, Failure, MapJob, TaskContext, UniqueIds};
 
 /// A ranked hit: gallery index, score, distance.
 type Hit = (usize, f32, Option<f32>);
@@ -112,7 +112,7 @@ pub(crate) fn run_retrieval(
             });
             continue;
         }
-        scored.sort_by(|a, b| b.1.total_cmp(&a.1));
+        scored.sort_by(|a, b| rank_key(b.1, b.2).total_cmp(&rank_key(a.1, a.2)));
         scored.truncate(*top_k);
         rankings.push((i, scored));
     }
@@ -255,19 +255,7 @@ pub(crate) fn run_retrieval(
             all.push(Tensor::stack(&hit_tensors, 0).ctx("stack hit feature maps")?);
         }
         let maps = Tensor::cat(&all, 0).ctx("join query and hit feature maps")?;
-        let (h, w) = ctx.session.spec.input_size();
-        let mut computed = compute_maps(
-            ctx.session.backbone.as_ref(),
-            ctx.p.pipeline.explain.weighting,
-            &maps,
-            &jobs,
-            (h as usize, w as usize),
-        )?
-        .into_iter();
-        for c in &mut comparisons {
-            c.query.map = computed.next();
-            c.reference.map = computed.next();
-        }
+        ctx.attach_maps(&maps, &mut comparisons, &jobs, true, |_| true)?;
     }
     ctx.timings.fam += ms(t);
 

@@ -9,8 +9,8 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{CandleContext, FamError, Result};
 use crate::explain::{
-    channel_weights, embedding_weights, fam_maps, fam_maps_spatial, Comparison, Explanation,
-    ImageRecord, Map2, RunInfo, SaliencyMap, Side, Weighting,
+    channel_weights, contrast_weights, embedding_weights, fam_maps, fam_maps_spatial, Comparison,
+    Explanation, ImageRecord, Map2, RunInfo, SaliencyMap, Side, Weighting,
 };
 use crate::output::{safe_stem, write_atomic, OutputDir};
 use crate::pipeline::{LoadedPipeline, TaskSection};
@@ -182,15 +182,17 @@ pub fn embed_images(
         let items: Vec<&Prepared> = chunk.iter().collect();
         let batch = preprocess::batch_tensor(&items, &device)?;
         let f = backbone.forward(&batch)?;
-        let (b, c, _, _) = f
+        let (b, _, _, _) = f
             .maps
             .dims4()
             .ctx("backbone feature maps must be [B, C, h, w]")?;
-        let (be, ce) = f
+        let (be, _) = f
             .embeddings
             .dims2()
             .ctx("backbone embeddings must be [B, C]")?;
-        if b != chunk.len() || be != b || ce != c {
+        // The embedding may have another size than the channel count where the backbone
+        // pulls weights back through its own head (flattened maps, an FC or GDConv head).
+        if b != chunk.len() || be != b {
             return Err(FamError::invalid(format!(
                 "backbone returned maps {:?} and embeddings {:?} for a batch of {}",
                 f.maps.dims(),
@@ -239,6 +241,43 @@ pub(crate) struct MapJob {
 }
 
 impl MapJob {
+    /// The job explaining why `e` matches `r` rather than the `others` (`contrast =
+    /// "others"`): channel weights from `c(e, r) − mean_j c(e, r_j)`, and the matching
+    /// embedding-space weights for backbones with a head.
+    pub fn contrast(
+        similarity: &dyn Similarity,
+        weighting: Weighting,
+        image: usize,
+        e: &[f32],
+        r: &[f32],
+        others: &[&[f32]],
+    ) -> Result<Self> {
+        let mut job = Self::new(similarity, weighting, image, e, r)?;
+        if others.is_empty() || weighting == Weighting::Activation {
+            return Ok(job);
+        }
+        let raw = |x: &[f32]| match weighting {
+            Weighting::Gradient => similarity.gradient(e, x),
+            _ => similarity.contributions(e, x),
+        };
+        let mut c = raw(r)?;
+        for o in others {
+            for (ci, oi) in c.iter_mut().zip(raw(o)?) {
+                *ci -= oi / others.len() as f32;
+            }
+        }
+        job.weights = contrast_weights(similarity, weighting, e, r, others)?;
+        job.u = match weighting {
+            Weighting::Gradient => c,
+            _ => c
+                .iter()
+                .zip(e)
+                .map(|(c, z)| if *z == 0.0 { 0.0 } else { c / z })
+                .collect(),
+        };
+        Ok(job)
+    }
+
     /// The job explaining embedding `e` (of image `image`) with respect to `r`.
     pub fn new(
         similarity: &dyn Similarity,
@@ -260,6 +299,7 @@ impl MapJob {
 pub(crate) fn compute_maps(
     backbone: &dyn Backbone,
     weighting: Weighting,
+    use_head: bool,
     maps: &Tensor,
     jobs: &[MapJob],
     size: (usize, usize),
@@ -274,7 +314,7 @@ pub(crate) fn compute_maps(
     let d = jobs[0].u.len();
     let flat_u: Vec<f32> = jobs.iter().flat_map(|j| j.u.iter().copied()).collect();
     let u = Tensor::from_vec(flat_u, (jobs.len(), d), device)?;
-    let pulled = if weighting == Weighting::Activation {
+    let pulled = if weighting == Weighting::Activation || !use_head {
         None
     } else {
         backbone.pullback(&u)?
@@ -288,6 +328,12 @@ pub(crate) fn compute_maps(
         Some((w, _offset)) => fam_maps(&gathered, &w.mean((2, 3))?, size.0, size.1)?,
         None => {
             let c = jobs[0].weights.len();
+            if c != gathered.dims()[1] {
+                return Err(FamError::invalid(format!(
+                    "the embedding has {c} dimensions but the feature layer {} channels, and the backbone provides no pullback to map one onto the other",
+                    gathered.dims()[1]
+                )));
+            }
             let flat: Vec<f32> = jobs
                 .iter()
                 .flat_map(|j| j.weights.iter().copied())
@@ -341,6 +387,8 @@ pub fn run_pipeline(
         TaskSection::Retrieval { .. } => {
             crate::retrieval::run_retrieval(&mut ctx, &mut out, &output)?
         }
+        TaskSection::FewShot { .. } => crate::fewshot::run_few_shot(&mut ctx, &mut out)?,
+        TaskSection::Classify { .. } => crate::fewshot::run_classify(&mut ctx, &mut out)?,
     };
 
     let t = Instant::now();
@@ -423,6 +471,35 @@ impl TaskContext<'_> {
             weighting: self.p.pipeline.explain.weighting.as_str().into(),
             preprocessing: preprocess::describe(&self.session.spec),
         }
+    }
+
+    /// Computes every job's map in one batch and attaches them, in order, to the query side
+    /// of each comparison and, where `reference_mapped` says so, to its reference side.
+    pub fn attach_maps(
+        &self,
+        maps: &Tensor,
+        comparisons: &mut [Comparison],
+        jobs: &[MapJob],
+        use_head: bool,
+        reference_mapped: impl Fn(&Comparison) -> bool,
+    ) -> Result<()> {
+        let (h, w) = self.session.spec.input_size();
+        let mut computed = compute_maps(
+            self.session.backbone.as_ref(),
+            self.p.pipeline.explain.weighting,
+            use_head,
+            maps,
+            jobs,
+            (h as usize, w as usize),
+        )?
+        .into_iter();
+        for c in comparisons.iter_mut() {
+            c.query.map = computed.next();
+            if reference_mapped(c) {
+                c.reference.map = computed.next();
+            }
+        }
+        Ok(())
     }
 
     pub fn embed(&mut self, paths: &[PathBuf], keep_maps: bool) -> Result<Embedded> {
@@ -514,19 +591,7 @@ fn run_pairs(ctx: &mut TaskContext, pairs: &[(PathBuf, PathBuf)]) -> Result<(Exp
         }
     }
     if let Some(maps) = &emb.maps {
-        let (h, w) = session.spec.input_size();
-        let mut computed = compute_maps(
-            session.backbone.as_ref(),
-            weighting,
-            maps,
-            &jobs,
-            (h as usize, w as usize),
-        )?
-        .into_iter();
-        for c in &mut comparisons {
-            c.query.map = computed.next();
-            c.reference.map = computed.next();
-        }
+        ctx.attach_maps(maps, &mut comparisons, &jobs, true, |_| true)?;
     }
     ctx.timings.fam += ms(t);
 

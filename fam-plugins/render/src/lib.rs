@@ -163,10 +163,13 @@ impl Renderer for Panel {
             }
         }
         for (name, items) in groups {
-            out.write(
-                &format!("panels/{name}.png"),
-                &self.ranking(e, name, &items)?.png()?,
-            )?;
+            // Few-shot queries carry their support images' maps (comparisons without rank).
+            let canvas = if items.iter().any(|c| c.rank.is_none()) {
+                self.episode(e, name, &items)?
+            } else {
+                self.ranking(e, name, &items)?
+            };
+            out.write(&format!("panels/{name}.png"), &canvas.png()?)?;
         }
         Ok(())
     }
@@ -203,40 +206,30 @@ impl Panel {
         }
         let tile_w = tiles.iter().map(|t| t.0.width).max().unwrap_or(224);
         let tile_h = tiles.iter().map(|t| t.0.height).max().unwrap_or(224);
-        let gap = 8;
-        let caption = 22;
-        let width = (gap + tiles.len() as u32 * (tile_w + gap)).max(480);
         let subtitle = format!(
             "FAM ({} weights) at {}; input: {} (maps drawn on the crop the model saw)",
             e.info.weighting, e.info.backbone, e.info.preprocessing
         );
-        let sub_lines = wrap(&subtitle, ((width - 2 * gap) / 8) as usize);
         let score = match c.distance {
             Some(d) => format!("{} {:.4} (distance {:.4})", e.info.similarity, c.score, d),
             None => format!("{} similarity {:.4}", e.info.similarity, c.score),
         };
         let title = format!("{} vs {}: {score}", c.query.label, c.reference.label);
-        let title_lines = wrap(&title, ((width - 2 * gap) / 16) as usize);
-        let sub_top = 6 + 20 * title_lines.len() as u32 + 2;
-        let header = sub_top + 10 * sub_lines.len() as u32 + 6;
-        let height = header + tile_h + caption + gap + 16;
-        let mut canvas = Canvas::new(width, height, [255, 255, 255]);
-        for (i, line) in title_lines.iter().enumerate() {
-            canvas.text(gap, 6 + 20 * i as u32, line, 2, [0, 0, 0]);
-        }
-        for (i, line) in sub_lines.iter().enumerate() {
-            canvas.text(gap, sub_top + 10 * i as u32, line, 1, [80, 80, 80]);
-        }
+        // One row of tiles, then a colour bar in the space of a second, short row.
+        let (grid, mut canvas) = Grid::new(
+            &title,
+            &subtitle,
+            tiles.len() as u32,
+            1,
+            (tile_w, tile_h),
+            20,
+        );
         for (i, (tile, label)) in tiles.iter().enumerate() {
-            let x = gap + i as u32 * (tile_w + gap);
-            canvas.blit(tile, x, header);
-            let max_chars = (tile_w / 8) as usize;
-            let label: String = label.chars().take(max_chars).collect();
-            canvas.text(x, header + tile_h + 6, &label, 1, [0, 0, 0]);
+            grid.put(&mut canvas, i as u32, 0, Some(tile), label);
         }
         // Colour bar: low to high saliency.
-        let bar_y = header + tile_h + caption;
-        let bar_x = gap;
+        let bar_y = grid.header + grid.row_h;
+        let bar_x = grid.gap;
         let bar_w = 200u32;
         canvas.text(bar_x, bar_y + 2, "low", 1, [80, 80, 80]);
         for dx in 0..bar_w {
@@ -273,35 +266,15 @@ impl Panel {
             .as_ref()
             .map(|c| (c.width, c.height))
             .unwrap_or((224, 224));
-        let (gap, caption) = (8u32, 14u32);
         let cols = 1 + items.len() as u32;
-        let width = (gap + cols * (tile_w + gap)).max(480);
         let title = format!("query {name}: top {} by {}", items.len(), e.info.similarity);
         let sub = format!(
             "FAM ({} weights) at {}; input: {}",
             e.info.weighting, e.info.backbone, e.info.preprocessing
         );
-        let title_lines = wrap(&title, ((width - 2 * gap) / 16) as usize);
-        let sub_lines = wrap(&sub, ((width - 2 * gap) / 8) as usize);
-        let header = 6 + 20 * title_lines.len() as u32 + 10 * sub_lines.len() as u32 + 8;
-        let row_h = tile_h + caption + gap;
-        let height = header + 3 * row_h + gap;
-        let mut canvas = Canvas::new(width, height, [255, 255, 255]);
-        for (i, line) in title_lines.iter().enumerate() {
-            canvas.text(gap, 6 + 20 * i as u32, line, 2, [0, 0, 0]);
-        }
-        let sub_top = 6 + 20 * title_lines.len() as u32 + 2;
-        for (i, line) in sub_lines.iter().enumerate() {
-            canvas.text(gap, sub_top + 10 * i as u32, line, 1, [80, 80, 80]);
-        }
-        let max_chars = (tile_w / 8) as usize;
-        let put = |canvas: &mut Canvas, col: u32, row: u32, tile: Option<Canvas>, label: String| {
-            let (x, y) = (gap + col * (tile_w + gap), header + row * row_h);
-            if let Some(t) = tile {
-                canvas.blit(&t, x, y);
-            }
-            let label: String = label.chars().take(max_chars).collect();
-            canvas.text(x, y + tile_h + 3, &label, 1, [0, 0, 0]);
+        let (grid, mut canvas) = Grid::new(&title, &sub, cols, 3, (tile_w, tile_h), 0);
+        let put = |canvas: &mut Canvas, col, row, tile: Option<Canvas>, label: String| {
+            grid.put(canvas, col, row, tile.as_ref(), &label)
         };
         put(
             &mut canvas,
@@ -331,7 +304,7 @@ impl Panel {
                 col,
                 1,
                 himg,
-                format!("#{rank} {:.3} {}", c.score, c.reference.label),
+                format!("#{rank} {} {}", short_score(c), c.reference.label),
             );
             put(
                 &mut canvas,
@@ -345,10 +318,192 @@ impl Panel {
     }
 }
 
-/// Enlargement factor for panel tiles: inputs under 160 px are drawn twice as large.
+impl Panel {
+    /// A few-shot query: row 1 the query and its map w.r.t. each class (prediction first),
+    /// then one row per class with its support images' maps w.r.t. the query.
+    pub fn episode(&self, e: &Explanation, name: &str, items: &[&Comparison]) -> Result<Canvas> {
+        let classes: Vec<&&Comparison> = items.iter().filter(|c| c.rank.is_some()).collect();
+        let supports: Vec<&&Comparison> = items.iter().filter(|c| c.rank.is_none()).collect();
+        let first = classes
+            .first()
+            .or(supports.first())
+            .ok_or_else(|| FamError::invalid("empty group"))?;
+        let w0 = first
+            .query
+            .image
+            .map(|i| e.images[i].view.width)
+            .unwrap_or(224);
+        let k = zoom(w0);
+        let tile = |c: Canvas| c.scaled(k);
+        let (tile_w, tile_h) = (
+            w0 * k,
+            first
+                .query
+                .image
+                .map(|i| e.images[i].view.height)
+                .unwrap_or(224)
+                * k,
+        );
+        // Support rows by class: the class is the label's last parenthesised word.
+        let class_of = |c: &Comparison| -> String {
+            c.query
+                .label
+                .rsplit('(')
+                .next()
+                .unwrap_or("")
+                .trim_end_matches(')')
+                .to_string()
+        };
+        let mut rows: Vec<(String, Vec<&Comparison>)> = Vec::new();
+        for c in &supports {
+            let cls = class_of(c);
+            match rows.iter_mut().find(|(n, _)| *n == cls) {
+                Some((_, v)) => v.push(c),
+                None => rows.push((cls, vec![c])),
+            }
+        }
+        let cols = 1 + classes
+            .len()
+            .max(rows.iter().map(|r| r.1.len()).max().unwrap_or(0)) as u32;
+        let pred = classes
+            .first()
+            .map(|c| format!("predicted {} ({})", c.reference.label, short_score(c)))
+            .unwrap_or_default();
+        let title = format!("query {name}: {pred}");
+        let sub = format!(
+            "FAM ({} weights) at {} vs class prototypes; rows below: each support image's map w.r.t. the query",
+            e.info.weighting, e.info.backbone
+        );
+        let (grid, mut canvas) = Grid::new(
+            &title,
+            &sub,
+            cols,
+            1 + rows.len() as u32,
+            (tile_w, tile_h),
+            0,
+        );
+        let put = |canvas: &mut Canvas, col, row, t: Option<Canvas>, label: String| {
+            grid.put(canvas, col, row, t.as_ref(), &label)
+        };
+        let qimg = first
+            .query
+            .image
+            .map(|i| tile(Canvas::from_rgb(&e.images[i].view)));
+        put(
+            &mut canvas,
+            0,
+            0,
+            if classes.is_empty() { None } else { qimg },
+            format!("query {name}"),
+        );
+        for (j, c) in classes.iter().enumerate() {
+            let label = format!(
+                "#{} {} {}",
+                c.rank.unwrap_or(j + 1),
+                c.reference.label,
+                short_score(c)
+            );
+            put(
+                &mut canvas,
+                1 + j as u32,
+                0,
+                self.0.overlay(e, &c.query).map(tile),
+                label,
+            );
+        }
+        for (r, (cls, items)) in rows.iter().enumerate() {
+            let row = 1 + r as u32;
+            put(&mut canvas, 0, row, None, format!("support {cls} ->"));
+            for (j, c) in items.iter().enumerate() {
+                let empty = c.query.map.as_ref().is_some_and(|m| m.raw.max() <= 0.0);
+                let label = format!(
+                    "{}{}",
+                    short_score(c),
+                    if empty { " (empty map)" } else { "" }
+                );
+                put(
+                    &mut canvas,
+                    1 + j as u32,
+                    row,
+                    self.0.overlay(e, &c.query).map(tile),
+                    label,
+                );
+            }
+        }
+        Ok(canvas)
+    }
+}
+
+/// A grid of captioned tiles under a title (large) and a subtitle (small), wrapped to fit.
+struct Grid {
+    gap: u32,
+    header: u32,
+    row_h: u32,
+    tile: (u32, u32),
+}
+
+impl Grid {
+    /// The layout and a white canvas with the header drawn; `extra` pixels below the rows.
+    fn new(
+        title: &str,
+        sub: &str,
+        cols: u32,
+        rows: u32,
+        tile: (u32, u32),
+        extra: u32,
+    ) -> (Self, Canvas) {
+        let (gap, caption) = (8u32, 14u32);
+        let width = (gap + cols * (tile.0 + gap)).max(480);
+        let title_lines = wrap(title, ((width - 2 * gap) / 16) as usize);
+        let sub_lines = wrap(sub, ((width - 2 * gap) / 8) as usize);
+        let sub_top = 6 + 20 * title_lines.len() as u32 + 2;
+        let header = sub_top + 10 * sub_lines.len() as u32 + 6;
+        let row_h = tile.1 + caption + gap;
+        let mut canvas = Canvas::new(width, header + rows * row_h + gap + extra, [255, 255, 255]);
+        for (i, line) in title_lines.iter().enumerate() {
+            canvas.text(gap, 6 + 20 * i as u32, line, 2, [0, 0, 0]);
+        }
+        for (i, line) in sub_lines.iter().enumerate() {
+            canvas.text(gap, sub_top + 10 * i as u32, line, 1, [80, 80, 80]);
+        }
+        (
+            Self {
+                gap,
+                header,
+                row_h,
+                tile,
+            },
+            canvas,
+        )
+    }
+
+    /// Draws a tile (or leaves the cell empty) with its caption, cut to the tile's width.
+    fn put(&self, canvas: &mut Canvas, col: u32, row: u32, tile: Option<&Canvas>, label: &str) {
+        let (x, y) = (
+            self.gap + col * (self.tile.0 + self.gap),
+            self.header + row * self.row_h,
+        );
+        if let Some(t) = tile {
+            canvas.blit(t, x, y);
+        }
+        let label: String = label.chars().take((self.tile.0 / 8) as usize).collect();
+        canvas.text(x, y + self.tile.1 + 3, &label, 1, [0, 0, 0]);
+    }
+}
+
+/// The number a ranking is made by: the distance where the metric has one (`d=`), else the
+/// similarity (`s=`).
+fn short_score(c: &Comparison) -> String {
+    match c.distance {
+        Some(d) => format!("d={d:.2}"),
+        None => format!("s={:.3}", c.score),
+    }
+}
+
+/// Enlargement factor for panel tiles: inputs under 160 px are enlarged to at least 160 px.
 fn zoom(tile_width: u32) -> u32 {
     if tile_width < 160 {
-        2
+        160u32.div_ceil(tile_width.max(1))
     } else {
         1
     }

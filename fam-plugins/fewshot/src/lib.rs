@@ -1,0 +1,212 @@
+//! fam plugin `fewshot`: backbones of few-shot and contrastive models.
+//!
+//! - `conv4`: Conv-4 (ProtoNet and small SimCLR encoders), layers `encoder.0` .. `encoder.3`
+//!   (default `encoder.3`, 64x7x7 for a 28x28 input). Options: `embedding` ("gap", the
+//!   default, or "flatten" as ProtoNet), `hidden` (channels, default 64), `size` (input side,
+//!   default 28).
+//!
+//! Checkpoints: safetensors or PyTorch (`.pth`, zip or legacy) state dicts with the usual
+//! parameter names; missing keys are errors, unexpected ones are listed.
+
+pub mod conv4;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_nn::VarBuilder;
+use fam_core::candle::{DType, Device, Tensor};
+use fam_core::plugin::{BackboneConfig, Registrar};
+use fam_core::{FamError, Problem, Result};
+
+fam_core::export_plugin!(name: "fewshot", register: register);
+
+const OPTIONS: [&str; 3] = ["hidden", "size", "embedding"];
+
+/// Registers the backbones.
+pub fn register(r: &mut Registrar) {
+    r.backbone(
+        "conv4",
+        "Conv-4 (ProtoNet / SimCLR encoders); layers encoder.0..encoder.3; embedding = GAP",
+        validate,
+        |cfg, device| Ok(Box::new(load_conv4(cfg, device)?)),
+    );
+}
+
+fn validate(cfg: &BackboneConfig) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if cfg.weights.is_none() {
+        out.push(Problem::new("weights", "conv4 needs a weights file"));
+    }
+    if let Some(l) = &cfg.layer {
+        if let Err(e) = conv4::parse_layer(l) {
+            out.push(Problem::new("layer", e));
+        }
+    }
+    for (k, v) in &cfg.options {
+        if !OPTIONS.contains(&k.as_str()) {
+            let hint = fam_core::pipeline::closest(k, &OPTIONS)
+                .map(|c| format!("; did you mean `{c}`?"))
+                .unwrap_or_default();
+            out.push(Problem::new(
+                format!("options.{k}"),
+                format!("unknown option `{k}`{hint}"),
+            ));
+        } else if k == "embedding" {
+            if !matches!(v.as_str(), Some("gap") | Some("flatten")) {
+                out.push(Problem::new(
+                    "options.embedding",
+                    format!("{v} is not \"gap\" or \"flatten\""),
+                ));
+            }
+        } else if !v.as_integer().is_some_and(|i| (1..=4096).contains(&i)) {
+            out.push(Problem::new(
+                format!("options.{k}"),
+                format!("{v} is not a positive integer"),
+            ));
+        }
+    }
+    out
+}
+
+/// The parameter names a Conv-4 checkpoint must hold.
+pub fn conv4_keys() -> Vec<String> {
+    let mut keys = Vec::new();
+    for i in 0..4 {
+        for k in [
+            "conv.weight",
+            "conv.bias",
+            "bn.weight",
+            "bn.bias",
+            "bn.running_mean",
+            "bn.running_var",
+        ] {
+            keys.push(format!("encoder.{i}.{k}"));
+        }
+    }
+    keys
+}
+
+/// Compares a state dict with the expected keys: an error naming the missing ones; the
+/// unexpected ones (besides `ignored_prefixes`) are logged.
+pub fn check_keys(
+    sd: &HashMap<String, Tensor>,
+    expected: &[String],
+    ignored_prefixes: &[&str],
+    path: &Path,
+) -> Result<()> {
+    let missing: Vec<&String> = expected.iter().filter(|k| !sd.contains_key(*k)).collect();
+    let mut unexpected: Vec<&String> = sd
+        .keys()
+        .filter(|k| {
+            !expected.contains(k)
+                && !ignored_prefixes.iter().any(|p| k.starts_with(p))
+                && !k.ends_with("num_batches_tracked")
+        })
+        .collect();
+    unexpected.sort();
+    if !missing.is_empty() {
+        return Err(FamError::weights(
+            path,
+            format!(
+                "missing {} tensor(s): {}{}",
+                missing.len(),
+                missing
+                    .iter()
+                    .take(8)
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if unexpected.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; unexpected: {}",
+                        unexpected
+                            .iter()
+                            .take(8)
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+            ),
+        ));
+    }
+    if !unexpected.is_empty() {
+        tracing::warn!(weights = %path.display(), unexpected = ?unexpected, "ignoring unexpected tensors");
+    }
+    Ok(())
+}
+
+fn load_conv4(cfg: &BackboneConfig, device: &Device) -> Result<conv4::Conv4> {
+    let path = cfg
+        .weights
+        .as_deref()
+        .ok_or_else(|| FamError::invalid("conv4 needs `weights`"))?;
+    let depth = conv4::parse_layer(cfg.layer.as_deref().unwrap_or("encoder.3"))
+        .map_err(FamError::invalid)?;
+    let opt =
+        |k: &str, d: i64| cfg.options.get(k).and_then(|v| v.as_integer()).unwrap_or(d) as usize;
+    let sd = fam_core::weights::load_state_dict(path)?;
+    check_keys(&sd, &conv4_keys(), &["projection."], path)?;
+    let sd: HashMap<String, Tensor> = sd
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+        .collect::<Result<_>>()?;
+    let vb = VarBuilder::from_tensors(sd, DType::F32, device);
+    let flatten = cfg.options.get("embedding").and_then(|v| v.as_str()) == Some("flatten");
+    Ok(
+        conv4::Conv4::new(vb, opt("hidden", 64), depth, opt("size", 28) as u32)
+            .map_err(|e| FamError::weights(path, e.to_string()))?
+            .with_flatten(flatten),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_and_unexpected_keys_are_named() {
+        let mut sd: HashMap<String, Tensor> = conv4_keys()
+            .into_iter()
+            .map(|k| (k, Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap()))
+            .collect();
+        sd.remove("encoder.2.conv.weight");
+        sd.insert(
+            "fc.weight".into(),
+            Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+        );
+        sd.insert(
+            "projection.0.weight".into(),
+            Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let err = check_keys(&sd, &conv4_keys(), &["projection."], Path::new("m.pth")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "m.pth: weights: missing 1 tensor(s): encoder.2.conv.weight; unexpected: fc.weight"
+        );
+    }
+
+    #[test]
+    fn layers_and_options_are_validated() {
+        let mut cfg = BackboneConfig {
+            kind: "conv4".into(),
+            weights: Some("w.safetensors".into()),
+            layer: Some("encoder.4".into()),
+            ..Default::default()
+        };
+        cfg.options.insert("embeding".into(), "flatten".into());
+        let problems: Vec<String> = validate(&cfg).iter().map(|p| p.to_string()).collect();
+        assert!(
+            problems.iter().any(|p| p.contains("no layer `encoder.4`")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("did you mean `embedding`?")),
+            "{problems:?}"
+        );
+    }
+}

@@ -24,6 +24,16 @@ impl Problem {
     }
 }
 
+impl Problem {
+    /// An option a plugin does not know, with the closest known one as a hint.
+    pub fn unknown_option(field: impl Into<String>, key: &str, allowed: &[&str]) -> Self {
+        let hint = crate::pipeline::closest(key, allowed)
+            .map(|c| format!("; did you mean `{c}`?"))
+            .unwrap_or_default();
+        Self::new(field, format!("unknown option `{key}`{hint}"))
+    }
+}
+
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.field, self.message)

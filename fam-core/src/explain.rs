@@ -325,6 +325,26 @@ pub struct Side {
     pub map: Option<SaliencyMap>,
 }
 
+impl Side {
+    /// An image of the run (index into [`Explanation::images`]); its map comes later.
+    pub fn image(label: impl Into<String>, index: usize) -> Self {
+        Self {
+            label: label.into(),
+            image: Some(index),
+            map: None,
+        }
+    }
+
+    /// A reference that is not an image: a prototype, a centroid.
+    pub fn reference(label: impl Into<String>) -> Self {
+        Self {
+            label: label.into(),
+            image: None,
+            map: None,
+        }
+    }
+}
+
 /// One scored, explained comparison between a query and a reference.
 #[derive(Debug, Clone)]
 pub struct Comparison {

@@ -235,16 +235,8 @@ pub(crate) fn run_few_shot(
                 jobs.push(job);
                 comparisons.push(Comparison {
                     id: format!("{qid}_class-{}", classes[c]),
-                    query: Side {
-                        label: qid.clone(),
-                        image: Some(*qrec),
-                        map: None,
-                    },
-                    reference: Side {
-                        label: format!("class {}", classes[c]),
-                        image: None,
-                        map: None,
-                    },
+                    query: Side::image(qid.clone(), *qrec),
+                    reference: Side::reference(format!("class {}", classes[c])),
                     score,
                     distance,
                     group: Some(qid.clone()),
@@ -280,11 +272,7 @@ pub(crate) fn run_few_shot(
                         image: Some(*srec),
                         map: None,
                     },
-                    reference: Side {
-                        label: qid.clone(),
-                        image: Some(*qrec),
-                        map: None,
-                    },
+                    reference: Side::image(qid.clone(), *qrec),
                     score,
                     distance: None,
                     group: Some(qid.clone()),
@@ -419,16 +407,11 @@ pub(crate) fn run_classify(
                         jobs.push(jb);
                         comparisons.push(Comparison {
                             id: format!("{qid}_nn-{:02}_{}", rank + 1, images[*brec].id),
-                            query: Side {
-                                label: qid.clone(),
-                                image: Some(*qrec),
-                                map: None,
-                            },
-                            reference: Side {
-                                label: format!("{} ({label})", images[*brec].id),
-                                image: Some(*brec),
-                                map: None,
-                            },
+                            query: Side::image(qid.clone(), *qrec),
+                            reference: Side::image(
+                                format!("{} ({label})", images[*brec].id),
+                                *brec,
+                            ),
                             score,
                             distance,
                             group: Some(qid.clone()),
@@ -459,16 +442,8 @@ pub(crate) fn run_classify(
                     jobs.push(job);
                     comparisons.push(Comparison {
                         id: format!("{qid}_centroid-{}", classes[c]),
-                        query: Side {
-                            label: qid.clone(),
-                            image: Some(*qrec),
-                            map: None,
-                        },
-                        reference: Side {
-                            label: format!("centroid {}", classes[c]),
-                            image: None,
-                            map: None,
-                        },
+                        query: Side::image(qid.clone(), *qrec),
+                        reference: Side::reference(format!("centroid {}", classes[c])),
                         score,
                         distance,
                         group: Some(qid.clone()),

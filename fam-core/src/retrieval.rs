@@ -229,16 +229,8 @@ pub(crate) fn run_retrieval(
             let (qid, hid) = (images[qr].id.clone(), images[hr].id.clone());
             comparisons.push(Comparison {
                 id: format!("{qid}_hit-{:02}_{hid}", rank + 1),
-                query: Side {
-                    label: qid.clone(),
-                    image: Some(qr),
-                    map: None,
-                },
-                reference: Side {
-                    label: hid,
-                    image: Some(hr),
-                    map: None,
-                },
+                query: Side::image(qid.clone(), qr),
+                reference: Side::image(hid, hr),
                 score: *score,
                 distance: *distance,
                 group: Some(qid),

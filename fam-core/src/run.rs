@@ -556,11 +556,7 @@ fn run_pairs(ctx: &mut TaskContext, pairs: &[(PathBuf, PathBuf)]) -> Result<(Exp
             let ja = MapJob::new(sim, weighting, ia, ea, eb)?;
             let jb = MapJob::new(sim, weighting, ib, eb, ea)?;
             let id = format!("pair-{:02}_{}_vs_{}", i + 1, images[ia].id, images[ib].id);
-            let side = |idx: usize| Side {
-                label: images[idx].id.clone(),
-                image: Some(idx),
-                map: None,
-            };
+            let side = |idx: usize| Side::image(images[idx].id.clone(), idx);
             Ok((
                 Comparison {
                     id,

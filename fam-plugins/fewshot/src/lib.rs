@@ -44,13 +44,7 @@ fn validate(cfg: &BackboneConfig) -> Vec<Problem> {
     }
     for (k, v) in &cfg.options {
         if !OPTIONS.contains(&k.as_str()) {
-            let hint = fam_core::pipeline::closest(k, &OPTIONS)
-                .map(|c| format!("; did you mean `{c}`?"))
-                .unwrap_or_default();
-            out.push(Problem::new(
-                format!("options.{k}"),
-                format!("unknown option `{k}`{hint}"),
-            ));
+            out.push(Problem::unknown_option(format!("options.{k}"), k, &OPTIONS));
         } else if k == "embedding" {
             if !matches!(v.as_str(), Some("gap") | Some("flatten")) {
                 out.push(Problem::new(

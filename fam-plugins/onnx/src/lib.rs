@@ -96,13 +96,7 @@ pub fn validate_config(cfg: &BackboneConfig) -> Vec<Problem> {
                 }
             }
             _ => {
-                let hint = fam_core::pipeline::closest(k, &OPTIONS)
-                    .map(|c| format!("; did you mean `{c}`?"))
-                    .unwrap_or_default();
-                out.push(Problem::new(
-                    format!("options.{k}"),
-                    format!("unknown option `{k}`{hint}"),
-                ));
+                out.push(Problem::unknown_option(format!("options.{k}"), k, &OPTIONS));
             }
         }
     }

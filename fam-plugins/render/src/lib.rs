@@ -50,13 +50,7 @@ fn check_options(o: &Options, allowed: &[&str]) -> Vec<Problem> {
     let mut out = Vec::new();
     for (k, v) in o {
         if !allowed.contains(&k.as_str()) {
-            let hint = fam_core::pipeline::closest(k, allowed)
-                .map(|c| format!("; did you mean `{c}`?"))
-                .unwrap_or_default();
-            out.push(Problem::new(
-                k.clone(),
-                format!("unknown option `{k}`{hint}"),
-            ));
+            out.push(Problem::unknown_option(k.clone(), k, allowed));
             continue;
         }
         let problem = match k.as_str() {

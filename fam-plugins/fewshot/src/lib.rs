@@ -9,6 +9,7 @@
 //! parameter names; missing keys are errors, unexpected ones are listed.
 
 pub mod conv4;
+pub mod resnet;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -24,6 +25,24 @@ const OPTIONS: [&str; 3] = ["hidden", "size", "embedding"];
 
 /// Registers the backbones.
 pub fn register(r: &mut Registrar) {
+    for (kind, desc) in [
+        (
+            "resnet18",
+            "ResNet-18 (torchvision layout; SimCLR/MoCo); layers layer1..layer4; embedding = GAP",
+        ),
+        (
+            "resnet50",
+            "ResNet-50 (torchvision layout; SimCLR/MoCo); layers layer1..layer4; embedding = GAP",
+        ),
+        (
+            "resnet12",
+            "ResNet-12 of few-shot learning (84 px); layers layer1..layer4; embedding = GAP",
+        ),
+    ] {
+        r.backbone(kind, desc, validate_resnet, |cfg, device| {
+            Ok(Box::new(load_resnet(cfg, device)?))
+        });
+    }
     r.backbone(
         "conv4",
         "Conv-4 (ProtoNet / SimCLR encoders); layers encoder.0..encoder.3; embedding = GAP",
@@ -130,6 +149,80 @@ pub fn check_keys(
         tracing::warn!(weights = %path.display(), unexpected = ?unexpected, "ignoring unexpected tensors");
     }
     Ok(())
+}
+
+const RESNET_OPTIONS: [&str; 1] = ["prefix"];
+
+fn validate_resnet(cfg: &BackboneConfig) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if cfg.weights.is_none() {
+        out.push(Problem::new(
+            "weights",
+            format!("{} needs a weights file", cfg.kind),
+        ));
+    }
+    if let Some(l) = &cfg.layer {
+        if let Err(e) = resnet::parse_layer(l) {
+            out.push(Problem::new("layer", e));
+        }
+    }
+    for (k, v) in &cfg.options {
+        if !RESNET_OPTIONS.contains(&k.as_str()) {
+            out.push(Problem::unknown_option(
+                format!("options.{k}"),
+                k,
+                &RESNET_OPTIONS,
+            ));
+        } else if v.as_str().is_none() {
+            out.push(Problem::new(
+                format!("options.{k}"),
+                format!("{v} is not a string"),
+            ));
+        }
+    }
+    out
+}
+
+/// Loads a ResNet; `options.prefix` is stripped from the checkpoint's keys first.
+pub fn load_resnet(cfg: &BackboneConfig, device: &Device) -> Result<resnet::ResNet> {
+    let path = cfg
+        .weights
+        .as_deref()
+        .ok_or_else(|| FamError::invalid("a ResNet needs `weights`"))?;
+    let depth =
+        resnet::parse_layer(cfg.layer.as_deref().unwrap_or("layer4")).map_err(FamError::invalid)?;
+    let prefix = cfg
+        .options
+        .get("prefix")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    let sd = resnet::strip_prefix(fam_core::weights::load_state_dict(path)?, prefix);
+    if cfg.kind == "resnet12" {
+        let mut keys = Vec::new();
+        for l in 1..=depth {
+            for (conv, bn) in [
+                ("conv1", "bn1"),
+                ("conv2", "bn2"),
+                ("conv3", "bn3"),
+                ("downsample.0", "downsample.1"),
+            ] {
+                keys.push(format!("layer{l}.0.{conv}.weight"));
+                for k in ["weight", "bias", "running_mean", "running_var"] {
+                    keys.push(format!("layer{l}.0.{bn}.{k}"));
+                }
+            }
+        }
+        check_keys(&sd, &keys, &["fc.", "layer"], path)?;
+        return resnet::ResNet::resnet12_from_state_dict(&sd, path, depth, device);
+    }
+    // Keys of deeper layers than the one explained are not needed ("layer" is ignored).
+    check_keys(
+        &sd,
+        &resnet::expected_keys(&sd, depth),
+        &["fc.", "layer"],
+        path,
+    )?;
+    resnet::ResNet::from_state_dict(&sd, path, depth, device)
 }
 
 fn load_conv4(cfg: &BackboneConfig, device: &Device) -> Result<conv4::Conv4> {

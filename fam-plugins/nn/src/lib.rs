@@ -12,6 +12,8 @@ pub enum Act {
     None,
     Relu,
     Relu6,
+    /// LeakyReLU with slope 0.1 (ResNet-12 of the few-shot literature).
+    LeakyRelu01,
 }
 
 /// A convolution with its BatchNorm folded in: `y = act(conv(x, W') + b')` with
@@ -112,6 +114,7 @@ impl ConvBn {
             Act::None => y,
             Act::Relu => y.relu()?,
             Act::Relu6 => y.clamp(0f32, 6f32)?,
+            Act::LeakyRelu01 => (y.relu()? + (y.minimum(0f32)? * 0.1)?)?,
         })
     }
 }

@@ -60,6 +60,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Score the faithfulness of the pipeline's maps and of baselines (Average Drop,
+    /// Increase in Confidence, deletion and insertion AUC); writes eval.json.
+    Eval {
+        pipeline: PathBuf,
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Deletion / insertion steps.
+        #[arg(long, default_value_t = 16)]
+        steps: usize,
+        /// Evaluate at most this many (image, reference) items.
+        #[arg(long, default_value_t = 24)]
+        max_items: usize,
+    },
     /// Convert a PyTorch checkpoint (zip or legacy .pth) to safetensors.
     Convert { input: PathBuf, output: PathBuf },
     /// List the layers of a model one can explain at, with their shapes.
@@ -240,6 +255,26 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("  {:<24} {:<18} {:?}", l.name, l.op, l.shape);
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval {
+            pipeline,
+            device,
+            output,
+            steps,
+            max_items,
+        } => {
+            let p = LoadedPipeline::load(&pipeline)?;
+            let mut dirs = cli.plugin_dirs.clone();
+            dirs.extend(p.pipeline.run.plugin_dirs.iter().cloned());
+            let mut host = PluginHost::new(&dirs);
+            let opts = fam_core::eval::EvalOptions {
+                run: RunOptions { device, output },
+                steps: steps.max(1),
+                max_items: max_items.max(1),
+            };
+            let report = fam_core::eval::run_eval(&p, &mut host, &opts, &Bars::new(cli.quiet))?;
+            print!("{}", fam_core::eval::table(&report));
             Ok(ExitCode::SUCCESS)
         }
         Command::Convert { input, output } => {

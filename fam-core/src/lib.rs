@@ -16,6 +16,7 @@
 pub mod cache;
 pub mod device;
 pub mod error;
+pub mod eval;
 pub mod explain;
 pub mod fewshot;
 pub mod output;

@@ -378,18 +378,7 @@ pub fn run_pipeline(
         counts: &mut counts,
         failures: &mut failures,
     };
-    let (explanation, items_total) = match &pl.task {
-        TaskSection::Pair { pairs } => {
-            let pairs: Vec<(PathBuf, PathBuf)> =
-                pairs.iter().map(|p| (p.a.clone(), p.b.clone())).collect();
-            run_pairs(&mut ctx, &pairs)?
-        }
-        TaskSection::Retrieval { .. } => {
-            crate::retrieval::run_retrieval(&mut ctx, &mut out, &output)?
-        }
-        TaskSection::FewShot { .. } => crate::fewshot::run_few_shot(&mut ctx, &mut out)?,
-        TaskSection::Classify { .. } => crate::fewshot::run_classify(&mut ctx, &mut out)?,
-    };
+    let (explanation, items_total) = run_task(&mut ctx, &mut out, &output)?;
 
     let t = Instant::now();
     for r in &session.renderers {
@@ -450,6 +439,24 @@ fn write_manifest(
         serde_json::to_vec_pretty(&manifest).map_err(|e| FamError::invalid(e.to_string()))?;
     out.set_writer("fam");
     write_atomic(&out.root().join("manifest.json"), &bytes)
+}
+
+/// Runs the pipeline's task: scores, predictions and maps, without rendering.
+pub(crate) fn run_task(
+    ctx: &mut TaskContext,
+    out: &mut OutputDir,
+    output: &Path,
+) -> Result<(Explanation, usize)> {
+    match &ctx.p.pipeline.task {
+        TaskSection::Pair { pairs } => {
+            let pairs: Vec<(PathBuf, PathBuf)> =
+                pairs.iter().map(|p| (p.a.clone(), p.b.clone())).collect();
+            run_pairs(ctx, &pairs)
+        }
+        TaskSection::Retrieval { .. } => crate::retrieval::run_retrieval(ctx, out, output),
+        TaskSection::FewShot { .. } => crate::fewshot::run_few_shot(ctx, out),
+        TaskSection::Classify { .. } => crate::fewshot::run_classify(ctx, out),
+    }
 }
 
 /// What a task needs from the run.

@@ -1,0 +1,646 @@
+//! Faithfulness of maps for similarity models (DESIGN.md section 5), with the similarity
+//! score in place of a class confidence.
+//!
+//! For an explained image `x`, its reference embedding `r` and a map `M` in [0, 1] at the
+//! model's input size (min-max normalized, as rendered):
+//! - **Average Drop** (Grad-CAM++): `x' = x ⊙ M` (pixel values in [0, 1], before mean/std),
+//!   `drop = max(0, s − s') / s` with `s = s(e(x), r)`, `s' = s(e(x'), r)`; averaged over the
+//!   items with `s > 0` (others are counted as skipped), in percent. Lower is better.
+//! - **Increase in Confidence**: the percentage of items with `s' > s`. Higher is better.
+//! - **Deletion / insertion** (RISE): pixels in order of decreasing saliency are replaced by a
+//!   blurred copy of the image (deletion), or revealed on the blurred copy (insertion), in
+//!   `steps` equal steps; the area under `s_k / s` over the fraction of pixels, by the
+//!   trapezoid rule. Deletion: lower is better; insertion: higher is better.
+//!
+//! Every variant image of an item goes through the backbone in batches.
+
+use candle_core::Tensor;
+
+use crate::error::{FamError, Result};
+use crate::explain::Rgb8;
+use crate::traits::{Backbone, InputSpec, Similarity};
+
+/// Faithfulness of one map.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Faithfulness {
+    /// The unmodified score.
+    pub score: f32,
+    /// `s'` of the map-masked image.
+    pub masked_score: f32,
+    /// `max(0, s − s') / s`, or `None` where `s ≤ 0`.
+    pub drop: Option<f32>,
+    pub increase: bool,
+    pub deletion: Vec<f32>,
+    pub insertion: Vec<f32>,
+    pub deletion_auc: f32,
+    pub insertion_auc: f32,
+}
+
+/// A box blur (radius `r`, two passes: close to a Gaussian), the "removed" state of a pixel.
+pub fn blur(img: &Rgb8, r: usize) -> Rgb8 {
+    let (w, h) = (img.width as usize, img.height as usize);
+    let pass = |src: &[f32], horizontal: bool| -> Vec<f32> {
+        let mut out = vec![0f32; src.len()];
+        for y in 0..h {
+            for x in 0..w {
+                for c in 0..3 {
+                    let (mut acc, mut n) = (0f32, 0f32);
+                    for d in -(r as isize)..=(r as isize) {
+                        let (xx, yy) = if horizontal {
+                            (x as isize + d, y as isize)
+                        } else {
+                            (x as isize, y as isize + d)
+                        };
+                        if xx >= 0 && yy >= 0 && (xx as usize) < w && (yy as usize) < h {
+                            acc += src[(yy as usize * w + xx as usize) * 3 + c];
+                            n += 1.0;
+                        }
+                    }
+                    out[(y * w + x) * 3 + c] = acc / n;
+                }
+            }
+        }
+        out
+    };
+    let f: Vec<f32> = img.data.iter().map(|&v| v as f32).collect();
+    let mut v = f;
+    for _ in 0..2 {
+        v = pass(&v, true);
+        v = pass(&v, false);
+    }
+    Rgb8 {
+        width: img.width,
+        height: img.height,
+        data: v
+            .iter()
+            .map(|x| x.round().clamp(0.0, 255.0) as u8)
+            .collect(),
+    }
+}
+
+/// Normalized CHW values of an image given as float RGB in [0, 255].
+fn chw(values: &[f32], w: usize, h: usize, spec: &InputSpec) -> Vec<f32> {
+    let n = w * h;
+    let mut out = vec![0f32; 3 * n];
+    for c in 0..3 {
+        for i in 0..n {
+            out[c * n + i] = (values[3 * i + c] / 255.0 - spec.mean[c]) / spec.std[c];
+        }
+    }
+    out
+}
+
+/// The area under a curve sampled at equal steps over [0, 1] (trapezoid rule).
+pub fn auc(curve: &[f32]) -> f32 {
+    if curve.len() < 2 {
+        return curve.first().copied().unwrap_or(0.0);
+    }
+    let dx = 1.0 / (curve.len() - 1) as f32;
+    curve.windows(2).map(|w| (w[0] + w[1]) / 2.0 * dx).sum()
+}
+
+/// Scores the variants of one image in batches: `s(e(variant), r)` for each.
+#[allow(clippy::too_many_arguments)]
+fn scores(
+    backbone: &dyn Backbone,
+    similarity: &dyn Similarity,
+    spec: &InputSpec,
+    w: usize,
+    h: usize,
+    variants: &[Vec<f32>],
+    r: &[f32],
+    batch: usize,
+) -> Result<Vec<f32>> {
+    let device = backbone.device();
+    let mut out = Vec::with_capacity(variants.len());
+    for chunk in variants.chunks(batch.max(1)) {
+        let data: Vec<f32> = chunk.iter().flat_map(|v| chw(v, w, h, spec)).collect();
+        let t = Tensor::from_vec(data, (chunk.len(), 3, h, w), &device)?;
+        let e: Vec<Vec<f32>> = backbone
+            .forward(&t)?
+            .embeddings
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2()?;
+        for ei in &e {
+            out.push(similarity.score(ei, r)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Measures a map's faithfulness. `map` is `H × W` in [0, 1] (row-major, the view's size).
+#[allow(clippy::too_many_arguments)]
+pub fn faithfulness(
+    backbone: &dyn Backbone,
+    similarity: &dyn Similarity,
+    spec: &InputSpec,
+    view: &Rgb8,
+    blurred: &Rgb8,
+    map: &[f32],
+    r: &[f32],
+    steps: usize,
+    batch: usize,
+) -> Result<Faithfulness> {
+    let (w, h) = (view.width as usize, view.height as usize);
+    if map.len() != w * h {
+        return Err(FamError::invalid(format!(
+            "map of {} values for a {w}x{h} image",
+            map.len()
+        )));
+    }
+    let orig: Vec<f32> = view.data.iter().map(|&v| v as f32).collect();
+    let blur: Vec<f32> = blurred.data.iter().map(|&v| v as f32).collect();
+    // Pixels by decreasing saliency (ties by position, so runs are reproducible).
+    let mut order: Vec<usize> = (0..w * h).collect();
+    order.sort_by(|a, b| map[*b].total_cmp(&map[*a]).then(a.cmp(b)));
+    let mut variants = vec![orig.clone()];
+    variants.push(
+        orig.iter()
+            .enumerate()
+            .map(|(i, v)| v * map[i / 3])
+            .collect(),
+    );
+    for (start, fill) in [(&orig, &blur), (&blur, &orig)] {
+        for k in 0..=steps {
+            let n = (w * h * k) / steps.max(1);
+            let mut v = start.clone();
+            for &p in &order[..n] {
+                v[3 * p..3 * p + 3].copy_from_slice(&fill[3 * p..3 * p + 3]);
+            }
+            variants.push(v);
+        }
+    }
+    let s = scores(backbone, similarity, spec, w, h, &variants, r, batch)?;
+    let (score, masked) = (s[0], s[1]);
+    let norm = |x: f32| if score.abs() > 0.0 { x / score } else { 0.0 };
+    let deletion: Vec<f32> = s[2..3 + steps].iter().map(|&x| norm(x)).collect();
+    let insertion: Vec<f32> = s[3 + steps..].iter().map(|&x| norm(x)).collect();
+    Ok(Faithfulness {
+        score,
+        masked_score: masked,
+        drop: (score > 0.0).then(|| (score - masked).max(0.0) / score),
+        increase: masked > score,
+        deletion_auc: auc(&deletion),
+        insertion_auc: auc(&insertion),
+        deletion,
+        insertion,
+    })
+}
+
+/// Occlusion baseline: slide a `patch`-pixel square (replaced by the blurred image) over a
+/// grid; the map is the score drop of each position, spread over its patch.
+#[allow(clippy::too_many_arguments)]
+pub fn occlusion_map(
+    backbone: &dyn Backbone,
+    similarity: &dyn Similarity,
+    spec: &InputSpec,
+    view: &Rgb8,
+    blurred: &Rgb8,
+    r: &[f32],
+    patch: usize,
+    batch: usize,
+) -> Result<Vec<f32>> {
+    let (w, h) = (view.width as usize, view.height as usize);
+    let orig: Vec<f32> = view.data.iter().map(|&v| v as f32).collect();
+    let blur: Vec<f32> = blurred.data.iter().map(|&v| v as f32).collect();
+    let patch = patch.max(1);
+    let mut cells = Vec::new();
+    let mut variants = vec![orig.clone()];
+    for y0 in (0..h).step_by(patch) {
+        for x0 in (0..w).step_by(patch) {
+            let mut v = orig.clone();
+            for y in y0..(y0 + patch).min(h) {
+                for x in x0..(x0 + patch).min(w) {
+                    let p = y * w + x;
+                    v[3 * p..3 * p + 3].copy_from_slice(&blur[3 * p..3 * p + 3]);
+                }
+            }
+            cells.push((x0, y0));
+            variants.push(v);
+        }
+    }
+    let s = scores(backbone, similarity, spec, w, h, &variants, r, batch)?;
+    let mut map = vec![0f32; w * h];
+    for (i, &(x0, y0)) in cells.iter().enumerate() {
+        let drop = s[0] - s[i + 1];
+        for y in y0..(y0 + patch).min(h) {
+            for x in x0..(x0 + patch).min(w) {
+                map[y * w + x] = drop;
+            }
+        }
+    }
+    Ok(crate::explain::min_max(&map))
+}
+
+/// A centred Gaussian prior (sigma a quarter of the side), in [0, 1].
+pub fn centre_map(w: usize, h: usize) -> Vec<f32> {
+    let (cx, cy) = ((w as f32 - 1.0) / 2.0, (h as f32 - 1.0) / 2.0);
+    let (sx, sy) = (w as f32 / 4.0, h as f32 / 4.0);
+    (0..h)
+        .flat_map(|y| {
+            (0..w).map(move |x| {
+                (-((x as f32 - cx).powi(2) / (2.0 * sx * sx)
+                    + (y as f32 - cy).powi(2) / (2.0 * sy * sy)))
+                    .exp()
+            })
+        })
+        .collect()
+}
+
+/// A random map (fixed seed), smooth at the scale of a 7x7 grid like CNN maps.
+pub fn random_map(w: usize, h: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let grid: Vec<f32> = (0..49).map(|_| next()).collect();
+    (0..h)
+        .flat_map(|y| (0..w).map(move |x| (y * 7 / h.max(1), x * 7 / w.max(1))))
+        .map(|(gy, gx)| grid[gy * 7 + gx])
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::traits::{Features, ResizePolicy};
+    use candle_core::Device;
+
+    /// A model whose embedding is (mean of the left half, 1): only the left half matters.
+    struct LeftHalf;
+    impl Backbone for LeftHalf {
+        fn describe(&self) -> String {
+            "left-half".into()
+        }
+        fn input_spec(&self) -> InputSpec {
+            InputSpec {
+                resize: ResizePolicy::Exact {
+                    width: 8,
+                    height: 8,
+                },
+                mean: [0.0; 3],
+                std: [1.0; 3],
+            }
+        }
+        fn device(&self) -> Device {
+            Device::Cpu
+        }
+        fn forward(&self, batch: &Tensor) -> Result<Features> {
+            let left = batch.narrow(3, 0, 4)?.mean((1, 2, 3))?.unsqueeze(1)?;
+            let one = Tensor::ones(left.dims(), left.dtype(), left.device())?;
+            let e = Tensor::cat(&[left, one], 1)?;
+            Ok(Features {
+                maps: e.unsqueeze(2)?.unsqueeze(3)?,
+                embeddings: e,
+            })
+        }
+    }
+
+    struct Dot;
+    impl Similarity for Dot {
+        fn name(&self) -> String {
+            "dot".into()
+        }
+        fn score(&self, e: &[f32], r: &[f32]) -> Result<f32> {
+            Ok(e.iter().zip(r).map(|(a, b)| a * b).sum())
+        }
+        fn contributions(&self, e: &[f32], r: &[f32]) -> Result<Vec<f32>> {
+            Ok(e.iter().zip(r).map(|(a, b)| a * b).collect())
+        }
+        fn gradient(&self, _: &[f32], r: &[f32]) -> Result<Vec<f32>> {
+            Ok(r.to_vec())
+        }
+    }
+
+    #[test]
+    fn a_map_on_the_pixels_the_score_depends_on_beats_its_complement() {
+        // 8x8: a bright left half with texture, a dark right half.
+        let mut data = Vec::new();
+        for y in 0..8 {
+            for x in 0..8 {
+                let v = if x < 4 {
+                    if (x + y) % 2 == 0 {
+                        255
+                    } else {
+                        120
+                    }
+                } else {
+                    10
+                };
+                data.extend_from_slice(&[v, v, v]);
+            }
+        }
+        let view = Rgb8 {
+            width: 8,
+            height: 8,
+            data,
+        };
+        let blurred = blur(&view, 2);
+        let (bb, sim) = (LeftHalf, Dot);
+        let spec = bb.input_spec();
+        let r = [1.0, 0.0]; // the score is the left half's mean
+        let left: Vec<f32> = (0..64).map(|i| if i % 8 < 4 { 1.0 } else { 0.0 }).collect();
+        let right: Vec<f32> = left.iter().map(|v| 1.0 - v).collect();
+        let good = faithfulness(&bb, &sim, &spec, &view, &blurred, &left, &r, 8, 16).unwrap();
+        let bad = faithfulness(&bb, &sim, &spec, &view, &blurred, &right, &r, 8, 16).unwrap();
+        assert!(
+            good.deletion_auc < bad.deletion_auc,
+            "{} vs {}",
+            good.deletion_auc,
+            bad.deletion_auc
+        );
+        assert!(
+            good.insertion_auc > bad.insertion_auc,
+            "{} vs {}",
+            good.insertion_auc,
+            bad.insertion_auc
+        );
+        assert!(good.drop.unwrap() < bad.drop.unwrap());
+        assert_eq!(good.deletion[0], 1.0);
+        // Occlusion finds the left half.
+        let occ = occlusion_map(&bb, &sim, &spec, &view, &blurred, &r, 4, 16).unwrap();
+        assert!(occ[0] > occ[7] && occ[8 * 7] > occ[8 * 7 + 7], "{occ:?}");
+    }
+
+    #[test]
+    fn auc_of_simple_curves() {
+        assert_eq!(auc(&[1.0, 1.0]), 1.0);
+        assert_eq!(auc(&[1.0, 0.0]), 0.5);
+        assert!((auc(&[0.0, 0.5, 1.0]) - 0.5).abs() < 1e-6);
+        assert!(random_map(14, 14, 1)
+            .iter()
+            .all(|v| (0.0..=1.0).contains(v)));
+        let c = centre_map(9, 9);
+        assert_eq!(c[4 * 9 + 4], 1.0);
+    }
+}
+
+/// Options of `fam-cli eval`.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub run: crate::run::RunOptions,
+    /// Deletion / insertion steps.
+    pub steps: usize,
+    /// Items (explained image, reference) evaluated at most.
+    pub max_items: usize,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            run: Default::default(),
+            steps: 16,
+            max_items: 24,
+        }
+    }
+}
+
+/// The mean faithfulness of one method.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MethodSummary {
+    pub method: String,
+    pub items: usize,
+    /// Items with a non-positive score, left out of Average Drop.
+    pub skipped_drop: usize,
+    pub average_drop: f32,
+    pub increase_in_confidence: f32,
+    pub deletion_auc: f32,
+    pub insertion_auc: f32,
+    pub mean_deletion: Vec<f32>,
+    pub mean_insertion: Vec<f32>,
+}
+
+/// What `fam-cli eval` measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EvalReport {
+    pub pipeline: String,
+    pub backbone: String,
+    pub similarity: String,
+    pub steps: usize,
+    pub summaries: Vec<MethodSummary>,
+    /// Per item and method.
+    pub items: Vec<serde_json::Value>,
+}
+
+/// Methods compared, in table order.
+pub const METHODS: [&str; 6] = [
+    "fam",
+    "gradient",
+    "activation",
+    "occlusion",
+    "centre",
+    "random",
+];
+
+/// Runs the pipeline's task once per weighting, then scores every map it produced (and the
+/// baselines) on the same items: each image of a comparison with respect to the other side.
+/// Only comparisons between two images are evaluated (pairs, retrieval hits, kNN
+/// neighbours); prototypes and centroids have no image to re-embed.
+pub fn run_eval(
+    p: &crate::pipeline::LoadedPipeline,
+    host: &mut crate::plugin::PluginHost,
+    opts: &EvalOptions,
+    progress: &dyn crate::run::Progress,
+) -> Result<EvalReport> {
+    use crate::explain::Weighting;
+    let output = opts
+        .run
+        .output
+        .clone()
+        .unwrap_or_else(|| p.pipeline.run.output.clone());
+    let session = crate::run::Session::open(p, host, &opts.run)?;
+    let mut out = crate::output::OutputDir::create(&output)?;
+    let mut explanations = Vec::new();
+    for w in [
+        Weighting::Contribution,
+        Weighting::Gradient,
+        Weighting::Activation,
+    ] {
+        let mut pw = p.clone();
+        pw.pipeline.explain.weighting = w;
+        let (mut timings, mut counts, mut failures) = Default::default();
+        let mut ctx = crate::run::TaskContext {
+            p: &pw,
+            session: &session,
+            progress,
+            timings: &mut timings,
+            counts: &mut counts,
+            failures: &mut failures,
+        };
+        explanations.push(crate::run::run_task(&mut ctx, &mut out, &output)?.0);
+    }
+    let base = &explanations[0];
+    // (explained image, reference image, index of the comparison, side)
+    let mut items = Vec::new();
+    for (ci, c) in base.comparisons.iter().enumerate() {
+        if let (Some(q), Some(r)) = (c.query.image, c.reference.image) {
+            if c.query.map.is_some() {
+                items.push((q, r, ci, 0));
+            }
+            if c.reference.map.is_some() {
+                items.push((r, q, ci, 1));
+            }
+        }
+    }
+    items.truncate(opts.max_items);
+    if items.is_empty() {
+        return Err(FamError::invalid(
+            "nothing to evaluate: the task has no comparisons between two images (pairs, retrieval hits and kNN neighbours have)",
+        ));
+    }
+    let (bb, sim, spec) = (
+        session.backbone.as_ref(),
+        session.similarity.as_ref(),
+        &session.spec,
+    );
+    let batch = p.pipeline.run.batch_size;
+    let embed = |img: &Rgb8| -> Result<Vec<f32>> {
+        let v: Vec<f32> = img.data.iter().map(|&x| x as f32).collect();
+        let t = Tensor::from_vec(
+            chw(&v, img.width as usize, img.height as usize, spec),
+            (1, 3, img.height as usize, img.width as usize),
+            &bb.device(),
+        )?;
+        Ok(bb
+            .forward(&t)?
+            .embeddings
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?)
+    };
+    progress.stage("evaluate", (items.len() * METHODS.len()) as u64);
+    let mut per_method: Vec<Vec<Faithfulness>> = vec![Vec::new(); METHODS.len()];
+    let mut rows = Vec::new();
+    for (n, &(q, r, ci, side)) in items.iter().enumerate() {
+        let view = &base.images[q].view;
+        let (w, h) = (view.width as usize, view.height as usize);
+        let blurred = blur(view, (w / 28).max(2));
+        let reference = embed(&base.images[r].view)?;
+        let map_of = |e: &crate::explain::Explanation| -> Option<Vec<f32>> {
+            let c = e.comparisons.get(ci)?;
+            let m = if side == 0 {
+                c.query.map.as_ref()?
+            } else {
+                c.reference.map.as_ref()?
+            };
+            Some(m.upsampled.normalized())
+        };
+        let mut row = serde_json::Map::new();
+        row.insert(
+            "image".into(),
+            base.images[q].source.display().to_string().into(),
+        );
+        row.insert(
+            "reference".into(),
+            base.images[r].source.display().to_string().into(),
+        );
+        for (mi, method) in METHODS.iter().enumerate() {
+            let map = match *method {
+                "fam" => map_of(&explanations[0]),
+                "gradient" => map_of(&explanations[1]),
+                "activation" => map_of(&explanations[2]),
+                "occlusion" => Some(occlusion_map(
+                    bb,
+                    sim,
+                    spec,
+                    view,
+                    &blurred,
+                    &reference,
+                    (w / 7).max(1),
+                    batch,
+                )?),
+                "centre" => Some(centre_map(w, h)),
+                _ => Some(random_map(w, h, n as u64 + 1)),
+            };
+            let Some(map) = map else { continue };
+            let f = faithfulness(
+                bb, sim, spec, view, &blurred, &map, &reference, opts.steps, batch,
+            )?;
+            row.insert(
+                method.to_string(),
+                serde_json::json!({"drop": f.drop, "increase": f.increase, "deletion_auc": f.deletion_auc, "insertion_auc": f.insertion_auc}),
+            );
+            per_method[mi].push(f);
+            progress.advance(1);
+        }
+        rows.push(serde_json::Value::Object(row));
+    }
+    progress.finish_stage();
+    let summaries = METHODS
+        .iter()
+        .zip(&per_method)
+        .map(|(m, fs)| summarize(m, fs, opts.steps))
+        .collect();
+    let report = EvalReport {
+        pipeline: p.path.display().to_string(),
+        backbone: session.backbone.describe(),
+        similarity: session.similarity.name(),
+        steps: opts.steps,
+        summaries,
+        items: rows,
+    };
+    out.set_writer("fam eval");
+    use crate::output::OutputSink;
+    out.write(
+        "eval.json",
+        &serde_json::to_vec_pretty(&report).map_err(|e| FamError::invalid(e.to_string()))?,
+    )?;
+    Ok(report)
+}
+
+fn summarize(method: &str, fs: &[Faithfulness], steps: usize) -> MethodSummary {
+    let n = fs.len().max(1) as f32;
+    let drops: Vec<f32> = fs.iter().filter_map(|f| f.drop).collect();
+    let mean_curve = |get: &dyn Fn(&Faithfulness) -> &Vec<f32>| -> Vec<f32> {
+        (0..=steps)
+            .map(|k| {
+                fs.iter()
+                    .map(|f| get(f).get(k).copied().unwrap_or(0.0))
+                    .sum::<f32>()
+                    / n
+            })
+            .collect()
+    };
+    MethodSummary {
+        method: method.to_string(),
+        items: fs.len(),
+        skipped_drop: fs.len() - drops.len(),
+        average_drop: 100.0 * drops.iter().sum::<f32>() / drops.len().max(1) as f32,
+        increase_in_confidence: 100.0 * fs.iter().filter(|f| f.increase).count() as f32 / n,
+        deletion_auc: fs.iter().map(|f| f.deletion_auc).sum::<f32>() / n,
+        insertion_auc: fs.iter().map(|f| f.insertion_auc).sum::<f32>() / n,
+        mean_deletion: mean_curve(&|f| &f.deletion),
+        mean_insertion: mean_curve(&|f| &f.insertion),
+    }
+}
+
+/// The summary as a text table.
+pub fn table(report: &EvalReport) -> String {
+    let mut s = format!(
+        "{} ({} , {} steps)\n{:<11} {:>5} {:>10} {:>8} {:>10} {:>10}\n",
+        report.backbone,
+        report.similarity,
+        report.steps,
+        "method",
+        "items",
+        "AvgDrop%↓",
+        "IC%↑",
+        "Deletion↓",
+        "Insertion↑"
+    );
+    for m in &report.summaries {
+        s.push_str(&format!(
+            "{:<11} {:>5} {:>10.1} {:>8.1} {:>10.3} {:>10.3}\n",
+            m.method,
+            m.items,
+            m.average_drop,
+            m.increase_in_confidence,
+            m.deletion_auc,
+            m.insertion_auc
+        ));
+    }
+    s
+}

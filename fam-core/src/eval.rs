@@ -266,6 +266,7 @@ pub fn random_map(w: usize, h: usize, seed: u64) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::explain::tests::Dot;
     use crate::traits::{Features, ResizePolicy};
     use candle_core::Device;
 
@@ -296,22 +297,6 @@ mod tests {
                 maps: e.unsqueeze(2)?.unsqueeze(3)?,
                 embeddings: e,
             })
-        }
-    }
-
-    struct Dot;
-    impl Similarity for Dot {
-        fn name(&self) -> String {
-            "dot".into()
-        }
-        fn score(&self, e: &[f32], r: &[f32]) -> Result<f32> {
-            Ok(e.iter().zip(r).map(|(a, b)| a * b).sum())
-        }
-        fn contributions(&self, e: &[f32], r: &[f32]) -> Result<Vec<f32>> {
-            Ok(e.iter().zip(r).map(|(a, b)| a * b).collect())
-        }
-        fn gradient(&self, _: &[f32], r: &[f32]) -> Result<Vec<f32>> {
-            Ok(r.to_vec())
         }
     }
 

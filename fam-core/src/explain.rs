@@ -149,6 +149,21 @@ pub fn contrast_weights(
     if others.is_empty() || weighting == Weighting::Activation {
         return channel_weights(similarity, weighting, e, r);
     }
+    let c = contrast_raw(similarity, weighting, e, r, others)?;
+    Ok(match weighting {
+        Weighting::Gradient => c,
+        _ => normalize_contributions(&c),
+    })
+}
+
+/// The unnormalized contrast: `c(e, r) − mean_j c(e, r_j)` (or the same with gradients).
+pub fn contrast_raw(
+    similarity: &dyn Similarity,
+    weighting: Weighting,
+    e: &[f32],
+    r: &[f32],
+    others: &[&[f32]],
+) -> Result<Vec<f32>> {
     let raw = |x: &[f32]| -> Result<Vec<f32>> {
         match weighting {
             Weighting::Gradient => similarity.gradient(e, x),
@@ -162,10 +177,7 @@ pub fn contrast_weights(
             *ci -= oi / n;
         }
     }
-    Ok(match weighting {
-        Weighting::Gradient => c,
-        _ => normalize_contributions(&c),
-    })
+    Ok(c)
 }
 
 /// Per-dimension weights `u` of the embedding, such that the score's linear part is `u · z`
@@ -379,11 +391,12 @@ pub struct Explanation {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::Device;
 
-    struct Dot;
+    /// The dot product, whose contributions and gradient are obvious (shared by tests).
+    pub(crate) struct Dot;
     impl Similarity for Dot {
         fn name(&self) -> String {
             "dot".into()

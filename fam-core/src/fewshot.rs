@@ -156,6 +156,43 @@ fn labelled_sets(
     })
 }
 
+/// Predictions of a task and, for labelled queries, how many were right.
+#[derive(Default)]
+struct Tally {
+    correct: usize,
+    labelled: usize,
+    predictions: Vec<serde_json::Value>,
+}
+
+impl Tally {
+    /// Records one query's prediction with its per-class numbers under `key`.
+    fn record(
+        &mut self,
+        path: &std::path::Path,
+        label: &Option<String>,
+        pred: &str,
+        key: &str,
+        per_class: impl Iterator<Item = (String, f32)>,
+    ) {
+        if let Some(l) = label {
+            self.labelled += 1;
+            self.correct += usize::from(l == pred);
+        }
+        let per_class: serde_json::Map<_, _> =
+            per_class.map(|(c, v)| (c, serde_json::json!(v))).collect();
+        self.predictions.push(serde_json::json!({
+            "query": path.display().to_string(),
+            "label": label,
+            "predicted": pred,
+            key: per_class,
+        }));
+    }
+
+    fn accuracy(&self) -> Option<f64> {
+        (self.labelled > 0).then(|| self.correct as f64 / self.labelled as f64)
+    }
+}
+
 fn write_json(out: &mut OutputDir, name: &str, doc: &serde_json::Value) -> Result<()> {
     out.set_writer("fam");
     out.write(
@@ -203,8 +240,7 @@ pub(crate) fn run_few_shot(
     let exact_head = tf == Transform::None;
     let mut comparisons = Vec::new();
     let mut jobs = Vec::new();
-    let mut predictions = Vec::new();
-    let (mut correct, mut labelled) = (0usize, 0usize);
+    let mut tally = Tally::default();
     for (j, item) in q.ok.iter().enumerate() {
         let Some((qrec, e)) = item else { continue };
         let result = (|| -> Result<()> {
@@ -279,16 +315,8 @@ pub(crate) fn run_few_shot(
                     rank: None,
                 });
             }
-            if let Some(l) = &q.labels[j] {
-                labelled += 1;
-                correct += usize::from(l == pred);
-            }
-            predictions.push(serde_json::json!({
-                "query": q.paths[j].display().to_string(),
-                "label": q.labels[j],
-                "predicted": pred,
-                "scores": scores.iter().map(|(c, s)| (classes[*c].clone(), serde_json::json!(s))).collect::<serde_json::Map<_, _>>(),
-            }));
+            let by_class = scores.iter().map(|(c, s)| (classes[*c].clone(), *s));
+            tally.record(&q.paths[j], &q.labels[j], pred, "scores", by_class);
             Ok(())
         })();
         if let Err(err) = result {
@@ -301,9 +329,14 @@ pub(crate) fn run_few_shot(
     attach_maps(ctx, &emb, &mut comparisons, &jobs, exact_head)?;
     ctx.timings.fam += ms(t);
 
-    let accuracy = (labelled > 0).then(|| correct as f64 / labelled as f64);
+    let accuracy = tally.accuracy();
     if let Some(a) = accuracy {
-        tracing::info!(accuracy = a, correct, labelled, "episode");
+        tracing::info!(
+            accuracy = a,
+            correct = tally.correct,
+            labelled = tally.labelled,
+            "episode"
+        );
     }
     write_json(
         out,
@@ -314,7 +347,7 @@ pub(crate) fn run_few_shot(
             "transform": tf,
             "contrast": contrast,
             "accuracy": accuracy,
-            "predictions": predictions,
+            "predictions": tally.predictions,
         }),
     )?;
     Ok((
@@ -375,8 +408,8 @@ pub(crate) fn run_classify(
     let sim = ctx.session.similarity.as_ref();
     let weighting = ctx.p.pipeline.explain.weighting;
     let exact_head = tf == Transform::None;
-    let (mut comparisons, mut jobs, mut predictions) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut correct, mut labelled) = (0usize, 0usize);
+    let (mut comparisons, mut jobs) = (Vec::new(), Vec::new());
+    let mut tally = Tally::default();
     for (j, item) in q.ok.iter().enumerate() {
         let Some((qrec, e)) = item else { continue };
         let result = (|| -> Result<()> {
@@ -458,16 +491,7 @@ pub(crate) fn run_classify(
                     )
                 }
             };
-            if let Some(l) = &q.labels[j] {
-                labelled += 1;
-                correct += usize::from(*l == pred);
-            }
-            predictions.push(serde_json::json!({
-                "query": q.paths[j].display().to_string(),
-                "label": q.labels[j],
-                "predicted": pred,
-                "votes": votes.iter().map(|(c, s)| (c.clone(), serde_json::json!(s))).collect::<serde_json::Map<_, _>>(),
-            }));
+            tally.record(&q.paths[j], &q.labels[j], &pred, "votes", votes.into_iter());
             Ok(())
         })();
         if let Err(err) = result {
@@ -479,7 +503,7 @@ pub(crate) fn run_classify(
     }
     attach_maps(ctx, &emb, &mut comparisons, &jobs, exact_head)?;
     ctx.timings.fam += ms(t);
-    let accuracy = (labelled > 0).then(|| correct as f64 / labelled as f64);
+    let accuracy = tally.accuracy();
     write_json(
         out,
         "predictions.json",
@@ -489,7 +513,7 @@ pub(crate) fn run_classify(
             "classes": classes,
             "transform": tf,
             "accuracy": accuracy,
-            "predictions": predictions,
+            "predictions": tally.predictions,
         }),
     )?;
     Ok((

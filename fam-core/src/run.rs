@@ -9,8 +9,9 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{CandleContext, FamError, Result};
 use crate::explain::{
-    channel_weights, contrast_weights, embedding_weights, fam_maps, fam_maps_spatial, Comparison,
-    Explanation, ImageRecord, Map2, RunInfo, SaliencyMap, Side, Weighting,
+    channel_weights, contrast_raw, embedding_weights, fam_maps, fam_maps_spatial,
+    normalize_contributions, Comparison, Explanation, ImageRecord, Map2, RunInfo, SaliencyMap,
+    Side, Weighting,
 };
 use crate::output::{safe_stem, write_atomic, OutputDir};
 use crate::pipeline::{LoadedPipeline, TaskSection};
@@ -256,17 +257,12 @@ impl MapJob {
         if others.is_empty() || weighting == Weighting::Activation {
             return Ok(job);
         }
-        let raw = |x: &[f32]| match weighting {
-            Weighting::Gradient => similarity.gradient(e, x),
-            _ => similarity.contributions(e, x),
+        // One pass over the references gives both the channel weights and `u`.
+        let c = contrast_raw(similarity, weighting, e, r, others)?;
+        job.weights = match weighting {
+            Weighting::Gradient => c.clone(),
+            _ => normalize_contributions(&c),
         };
-        let mut c = raw(r)?;
-        for o in others {
-            for (ci, oi) in c.iter_mut().zip(raw(o)?) {
-                *ci -= oi / others.len() as f32;
-            }
-        }
-        job.weights = contrast_weights(similarity, weighting, e, r, others)?;
         job.u = match weighting {
             Weighting::Gradient => c,
             _ => c

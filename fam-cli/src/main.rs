@@ -71,9 +71,42 @@ enum Command {
         /// Deletion / insertion steps.
         #[arg(long, default_value_t = 16)]
         steps: usize,
-        /// Evaluate at most this many (image, reference) items.
+        /// Evaluate at most this many (image, reference) items, best rank first.
         #[arg(long, default_value_t = 24)]
         max_items: usize,
+        /// Use this similarity kind (of the pipeline's similarity plugin) instead, e.g.
+        /// `euclidean`.
+        #[arg(long)]
+        metric: Option<String>,
+        /// For few_shot tasks: explain and score `none` (the similarity to the prototype) or
+        /// `others` (its margin over the other classes) instead of the pipeline's setting.
+        #[arg(long, value_parser = parse_contrast)]
+        contrast: Option<fam_core::pipeline::Contrast>,
+        /// Leave out the occlusion baseline (one forward pass per patch and item).
+        #[arg(long)]
+        skip_occlusion: bool,
+    },
+    /// Time the stages of an explanation per image (decode and preprocess, forward, FAM,
+    /// rendering, end to end) for several batch sizes, with the pipeline's models.
+    Bench {
+        pipeline: PathBuf,
+        /// Images to explain (a folder, or files; cycled to --count copies).
+        #[arg(long, num_args = 1.., default_value = "data/images")]
+        images: Vec<PathBuf>,
+        /// How many images each run explains.
+        #[arg(long, default_value_t = 32)]
+        count: usize,
+        /// Batch sizes to time.
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        batch_sizes: Vec<usize>,
+        /// Timed runs per batch size (after one warm-up run); the median is reported.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        #[arg(long)]
+        device: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Convert a PyTorch checkpoint (zip or legacy .pth) to safetensors.
     Convert { input: PathBuf, output: PathBuf },
@@ -257,12 +290,57 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench {
+            pipeline,
+            images,
+            count,
+            batch_sizes,
+            repeat,
+            device,
+            json,
+        } => {
+            let p = LoadedPipeline::load(&pipeline)?;
+            let mut dirs = cli.plugin_dirs.clone();
+            dirs.extend(p.pipeline.run.plugin_dirs.iter().cloned());
+            let mut host = PluginHost::new(&dirs);
+            let mut files = Vec::new();
+            for i in images {
+                if i.is_dir() {
+                    files.extend(fam_core::pipeline::ImageSet::Folder(i).files()?);
+                } else {
+                    files.push(i);
+                }
+            }
+            let scratch = std::env::temp_dir().join(format!("fam-bench-{}", std::process::id()));
+            let opts = fam_core::bench::BenchOptions {
+                run: RunOptions {
+                    device,
+                    output: None,
+                },
+                images: files,
+                count,
+                batch_sizes,
+                repeat,
+            };
+            let report = fam_core::bench::run_bench(&p, &mut host, &opts, &scratch);
+            let _ = std::fs::remove_dir_all(&scratch);
+            let report = report?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", fam_core::bench::table(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Eval {
             pipeline,
             device,
             output,
             steps,
             max_items,
+            metric,
+            contrast,
+            skip_occlusion,
         } => {
             let p = LoadedPipeline::load(&pipeline)?;
             let mut dirs = cli.plugin_dirs.clone();
@@ -272,6 +350,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 run: RunOptions { device, output },
                 steps: steps.max(1),
                 max_items: max_items.max(1),
+                metric,
+                contrast,
+                skip_occlusion,
             };
             let report = fam_core::eval::run_eval(&p, &mut host, &opts, &Bars::new(cli.quiet))?;
             print!("{}", fam_core::eval::table(&report));
@@ -332,5 +413,13 @@ impl Progress for Bars {
         if let Some(b) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).take() {
             b.finish_and_clear();
         }
+    }
+}
+
+fn parse_contrast(s: &str) -> Result<fam_core::pipeline::Contrast, String> {
+    match s {
+        "none" => Ok(fam_core::pipeline::Contrast::None),
+        "others" => Ok(fam_core::pipeline::Contrast::Others),
+        _ => Err(format!("`{s}` is not a contrast (none, others)")),
     }
 }

@@ -4,8 +4,10 @@
 //! For an explained image `x`, its reference embedding `r` and a map `M` in [0, 1] at the
 //! model's input size (min-max normalized, as rendered):
 //! - **Average Drop** (Grad-CAM++): `x' = x ⊙ M` (pixel values in [0, 1], before mean/std),
-//!   `drop = max(0, s − s') / s` with `s = s(e(x), r)`, `s' = s(e(x'), r)`; averaged over the
-//!   items with `s > 0` (others are counted as skipped), in percent. Lower is better.
+//!   `drop = clip((s − s') / s, 0, 1)` with `s = f(e(x))`, `s' = f(e(x'))` and `f` the score
+//!   the map explains ([`Target`]); averaged over the items with `s > 0` (others are counted
+//!   as skipped), in percent. A similarity can fall below zero where a probability cannot,
+//!   so the drop is clipped at 1: losing the whole score counts as 100%. Lower is better.
 //! - **Increase in Confidence**: the percentage of items with `s' > s`. Higher is better.
 //! - **Deletion / insertion** (RISE): pixels in order of decreasing saliency are replaced by a
 //!   blurred copy of the image (deletion), or revealed on the blurred copy (insertion), in
@@ -17,7 +19,7 @@
 use candle_core::Tensor;
 
 use crate::error::{FamError, Result};
-use crate::explain::Rgb8;
+use crate::explain::{Rgb8, Target};
 use crate::traits::{Backbone, InputSpec, Similarity};
 
 /// Faithfulness of one map.
@@ -27,7 +29,7 @@ pub struct Faithfulness {
     pub score: f32,
     /// `s'` of the map-masked image.
     pub masked_score: f32,
-    /// `max(0, s − s') / s`, or `None` where `s ≤ 0`.
+    /// `(s − s') / s` clipped to [0, 1], or `None` where `s ≤ 0`.
     pub drop: Option<f32>,
     pub increase: bool,
     pub deletion: Vec<f32>,
@@ -99,16 +101,13 @@ pub fn auc(curve: &[f32]) -> f32 {
     curve.windows(2).map(|w| (w[0] + w[1]) / 2.0 * dx).sum()
 }
 
-/// Scores the variants of one image in batches: `s(e(variant), r)` for each.
-#[allow(clippy::too_many_arguments)]
+/// Scores the variants of one image in batches: `f(e(variant))` for each.
 fn scores(
     backbone: &dyn Backbone,
-    similarity: &dyn Similarity,
+    f: &dyn Fn(&[f32]) -> Result<f32>,
     spec: &InputSpec,
-    w: usize,
-    h: usize,
+    (w, h): (usize, usize),
     variants: &[Vec<f32>],
-    r: &[f32],
     batch: usize,
 ) -> Result<Vec<f32>> {
     let device = backbone.device();
@@ -120,26 +119,39 @@ fn scores(
             .forward(&t)?
             .embeddings
             .to_dtype(candle_core::DType::F32)?
+            .flatten_from(1)?
             .to_vec2()?;
         for ei in &e {
-            out.push(similarity.score(ei, r)?);
+            out.push(f(ei)?);
         }
     }
     Ok(out)
 }
 
+/// The model and the score being measured: `f(e(x))` for an image `x`.
+pub struct Scorer<'a> {
+    pub backbone: &'a dyn Backbone,
+    pub similarity: &'a dyn Similarity,
+    pub spec: &'a InputSpec,
+    pub target: &'a Target,
+    /// Images per forward pass.
+    pub batch: usize,
+}
+
+impl Scorer<'_> {
+    fn scores(&self, size: (usize, usize), variants: &[Vec<f32>]) -> Result<Vec<f32>> {
+        let f = |z: &[f32]| self.target.score(self.similarity, z);
+        scores(self.backbone, &f, self.spec, size, variants, self.batch)
+    }
+}
+
 /// Measures a map's faithfulness. `map` is `H × W` in [0, 1] (row-major, the view's size).
-#[allow(clippy::too_many_arguments)]
 pub fn faithfulness(
-    backbone: &dyn Backbone,
-    similarity: &dyn Similarity,
-    spec: &InputSpec,
+    scorer: &Scorer,
     view: &Rgb8,
     blurred: &Rgb8,
     map: &[f32],
-    r: &[f32],
     steps: usize,
-    batch: usize,
 ) -> Result<Faithfulness> {
     let (w, h) = (view.width as usize, view.height as usize);
     if map.len() != w * h {
@@ -170,7 +182,7 @@ pub fn faithfulness(
             variants.push(v);
         }
     }
-    let s = scores(backbone, similarity, spec, w, h, &variants, r, batch)?;
+    let s = scorer.scores((w, h), &variants)?;
     let (score, masked) = (s[0], s[1]);
     let norm = |x: f32| if score.abs() > 0.0 { x / score } else { 0.0 };
     let deletion: Vec<f32> = s[2..3 + steps].iter().map(|&x| norm(x)).collect();
@@ -178,7 +190,7 @@ pub fn faithfulness(
     Ok(Faithfulness {
         score,
         masked_score: masked,
-        drop: (score > 0.0).then(|| (score - masked).max(0.0) / score),
+        drop: (score > 0.0).then(|| ((score - masked) / score).clamp(0.0, 1.0)),
         increase: masked > score,
         deletion_auc: auc(&deletion),
         insertion_auc: auc(&insertion),
@@ -189,16 +201,11 @@ pub fn faithfulness(
 
 /// Occlusion baseline: slide a `patch`-pixel square (replaced by the blurred image) over a
 /// grid; the map is the score drop of each position, spread over its patch.
-#[allow(clippy::too_many_arguments)]
 pub fn occlusion_map(
-    backbone: &dyn Backbone,
-    similarity: &dyn Similarity,
-    spec: &InputSpec,
+    scorer: &Scorer,
     view: &Rgb8,
     blurred: &Rgb8,
-    r: &[f32],
     patch: usize,
-    batch: usize,
 ) -> Result<Vec<f32>> {
     let (w, h) = (view.width as usize, view.height as usize);
     let orig: Vec<f32> = view.data.iter().map(|&v| v as f32).collect();
@@ -219,7 +226,7 @@ pub fn occlusion_map(
             variants.push(v);
         }
     }
-    let s = scores(backbone, similarity, spec, w, h, &variants, r, batch)?;
+    let s = scorer.scores((w, h), &variants)?;
     let mut map = vec![0f32; w * h];
     for (i, &(x0, y0)) in cells.iter().enumerate() {
         let drop = s[0] - s[i + 1];
@@ -326,11 +333,18 @@ mod tests {
         let blurred = blur(&view, 2);
         let (bb, sim) = (LeftHalf, Dot);
         let spec = bb.input_spec();
-        let r = [1.0, 0.0]; // the score is the left half's mean
+        let target = Target::new(&[1.0, 0.0]); // the score is the left half's mean
+        let scorer = Scorer {
+            backbone: &bb,
+            similarity: &sim,
+            spec: &spec,
+            target: &target,
+            batch: 16,
+        };
         let left: Vec<f32> = (0..64).map(|i| if i % 8 < 4 { 1.0 } else { 0.0 }).collect();
         let right: Vec<f32> = left.iter().map(|v| 1.0 - v).collect();
-        let good = faithfulness(&bb, &sim, &spec, &view, &blurred, &left, &r, 8, 16).unwrap();
-        let bad = faithfulness(&bb, &sim, &spec, &view, &blurred, &right, &r, 8, 16).unwrap();
+        let good = faithfulness(&scorer, &view, &blurred, &left, 8).unwrap();
+        let bad = faithfulness(&scorer, &view, &blurred, &right, 8).unwrap();
         assert!(
             good.deletion_auc < bad.deletion_auc,
             "{} vs {}",
@@ -346,7 +360,7 @@ mod tests {
         assert!(good.drop.unwrap() < bad.drop.unwrap());
         assert_eq!(good.deletion[0], 1.0);
         // Occlusion finds the left half.
-        let occ = occlusion_map(&bb, &sim, &spec, &view, &blurred, &r, 4, 16).unwrap();
+        let occ = occlusion_map(&scorer, &view, &blurred, 4).unwrap();
         assert!(occ[0] > occ[7] && occ[8 * 7] > occ[8 * 7 + 7], "{occ:?}");
     }
 
@@ -371,6 +385,12 @@ pub struct EvalOptions {
     pub steps: usize,
     /// Items (explained image, reference) evaluated at most.
     pub max_items: usize,
+    /// Replaces the pipeline's similarity kind (same plugin), e.g. `euclidean`.
+    pub metric: Option<String>,
+    /// Replaces a `few_shot` task's `contrast`.
+    pub contrast: Option<crate::pipeline::Contrast>,
+    /// Leaves out the occlusion baseline (which costs a forward pass per patch).
+    pub skip_occlusion: bool,
 }
 
 impl Default for EvalOptions {
@@ -379,6 +399,9 @@ impl Default for EvalOptions {
             run: Default::default(),
             steps: 16,
             max_items: 24,
+            metric: None,
+            contrast: None,
+            skip_occlusion: false,
         }
     }
 }
@@ -404,26 +427,39 @@ pub struct EvalReport {
     pub pipeline: String,
     pub backbone: String,
     pub similarity: String,
+    /// What the scores are: `similarity`, or `margin over the other classes`.
+    pub target: String,
     pub steps: usize,
     pub summaries: Vec<MethodSummary>,
     /// Per item and method.
     pub items: Vec<serde_json::Value>,
 }
 
-/// Methods compared, in table order.
-pub const METHODS: [&str; 6] = [
-    "fam",
-    "gradient",
-    "activation",
-    "occlusion",
-    "centre",
-    "random",
-];
+/// The methods of a run, in table order. `few_shot` tasks add FAM with the other
+/// `contrast`, scored on the same target.
+pub fn methods(task: &crate::pipeline::TaskSection, skip_occlusion: bool) -> Vec<String> {
+    use crate::pipeline::{Contrast, TaskSection};
+    let mut m = vec!["fam".to_string()];
+    if let TaskSection::FewShot { contrast, .. } = task {
+        m.push(match contrast {
+            Contrast::None => "fam (contrast=others)".into(),
+            Contrast::Others => "fam (contrast=none)".into(),
+        });
+    }
+    for b in ["gradient", "activation", "occlusion", "centre", "random"] {
+        if !(skip_occlusion && b == "occlusion") {
+            m.push(b.into());
+        }
+    }
+    m
+}
 
-/// Runs the pipeline's task once per weighting, then scores every map it produced (and the
-/// baselines) on the same items: each image of a comparison with respect to the other side.
-/// Only comparisons between two images are evaluated (pairs, retrieval hits, kNN
-/// neighbours); prototypes and centroids have no image to re-embed.
+/// Runs the pipeline's task once per weighting (and, for `few_shot`, once with the other
+/// `contrast`), then scores every map it produced, and the baselines, on the same items.
+/// An item is one side of a comparison that has an image and a map: it is re-scored against
+/// the score its map explains ([`Target`]), so prototypes, centroids and contrasts are
+/// handled exactly. Items are taken best rank first (rank-1 matches of every query, then
+/// rank 2, ...).
 pub fn run_eval(
     p: &crate::pipeline::LoadedPipeline,
     host: &mut crate::plugin::PluginHost,
@@ -431,6 +467,20 @@ pub fn run_eval(
     progress: &dyn crate::run::Progress,
 ) -> Result<EvalReport> {
     use crate::explain::Weighting;
+    use crate::pipeline::{Contrast, TaskSection};
+    let mut p = p.clone();
+    if let Some(m) = &opts.metric {
+        p.pipeline.similarity.kind = m.clone();
+    }
+    if let Some(c) = opts.contrast {
+        match &mut p.pipeline.task {
+            TaskSection::FewShot { contrast, .. } => *contrast = c,
+            _ => return Err(FamError::invalid(
+                "--contrast applies to few_shot tasks only (the task has no competing references)",
+            )),
+        }
+    }
+    let p = &p;
     let output = opts
         .run
         .output
@@ -438,14 +488,32 @@ pub fn run_eval(
         .unwrap_or_else(|| p.pipeline.run.output.clone());
     let session = crate::run::Session::open(p, host, &opts.run)?;
     let mut out = crate::output::OutputDir::create(&output)?;
-    let mut explanations = Vec::new();
-    for w in [
-        Weighting::Contribution,
-        Weighting::Gradient,
-        Weighting::Activation,
-    ] {
+    let methods = methods(&p.pipeline.task, opts.skip_occlusion);
+    let flipped = match &p.pipeline.task {
+        TaskSection::FewShot { contrast, .. } => Some(match contrast {
+            Contrast::None => Contrast::Others,
+            Contrast::Others => Contrast::None,
+        }),
+        _ => None,
+    };
+    // Explanations by method name.
+    let mut explanations = std::collections::HashMap::new();
+    let mut runs = vec![
+        ("fam", Weighting::Contribution, None),
+        ("gradient", Weighting::Gradient, None),
+        ("activation", Weighting::Activation, None),
+    ];
+    if let Some(c) = flipped {
+        runs.push((methods[1].as_str(), Weighting::Contribution, Some(c)));
+    }
+    for (name, w, contrast) in runs {
         let mut pw = p.clone();
         pw.pipeline.explain.weighting = w;
+        if let (Some(c), TaskSection::FewShot { contrast: tc, .. }) =
+            (contrast, &mut pw.pipeline.task)
+        {
+            *tc = c;
+        }
         let (mut timings, mut counts, mut failures) = Default::default();
         let mut ctx = crate::run::TaskContext {
             p: &pw,
@@ -455,95 +523,80 @@ pub fn run_eval(
             counts: &mut counts,
             failures: &mut failures,
         };
-        explanations.push(crate::run::run_task(&mut ctx, &mut out, &output)?.0);
+        let e = crate::run::run_task(&mut ctx, &mut out, &output)?.0;
+        explanations.insert(name.to_string(), e);
     }
-    let base = &explanations[0];
-    // (explained image, reference image, index of the comparison, side)
+    let base = &explanations["fam"];
+    // (comparison index, side), best rank first.
     let mut items = Vec::new();
     for (ci, c) in base.comparisons.iter().enumerate() {
-        if let (Some(q), Some(r)) = (c.query.image, c.reference.image) {
-            if c.query.map.is_some() {
-                items.push((q, r, ci, 0));
-            }
-            if c.reference.map.is_some() {
-                items.push((r, q, ci, 1));
+        for (side, s) in [(0, &c.query), (1, &c.reference)] {
+            if s.image.is_some() && s.map.is_some() && s.target.is_some() {
+                items.push((c.rank.unwrap_or(usize::MAX), ci, side));
             }
         }
     }
+    items.sort();
     items.truncate(opts.max_items);
     if items.is_empty() {
         return Err(FamError::invalid(
-            "nothing to evaluate: the task has no comparisons between two images (pairs, retrieval hits and kNN neighbours have)",
+            "nothing to evaluate: the task produced no maps of images",
         ));
     }
-    let (bb, sim, spec) = (
-        session.backbone.as_ref(),
-        session.similarity.as_ref(),
-        &session.spec,
-    );
-    let batch = p.pipeline.run.batch_size;
-    let embed = |img: &Rgb8| -> Result<Vec<f32>> {
-        let v: Vec<f32> = img.data.iter().map(|&x| x as f32).collect();
-        let t = Tensor::from_vec(
-            chw(&v, img.width as usize, img.height as usize, spec),
-            (1, 3, img.height as usize, img.width as usize),
-            &bb.device(),
-        )?;
-        Ok(bb
-            .forward(&t)?
-            .embeddings
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?)
+    let side_of = |e: &crate::explain::Explanation, ci: usize, side: usize| {
+        e.comparisons.get(ci).map(|c| {
+            if side == 0 {
+                c.query.clone()
+            } else {
+                c.reference.clone()
+            }
+        })
     };
-    progress.stage("evaluate", (items.len() * METHODS.len()) as u64);
-    let mut per_method: Vec<Vec<Faithfulness>> = vec![Vec::new(); METHODS.len()];
+    let target_name = match &p.pipeline.task {
+        TaskSection::FewShot {
+            contrast: Contrast::Others,
+            ..
+        } => "margin over the other classes",
+        _ => "similarity",
+    };
+    progress.stage("evaluate", (items.len() * methods.len()) as u64);
+    let mut per_method: Vec<Vec<Faithfulness>> = vec![Vec::new(); methods.len()];
     let mut rows = Vec::new();
-    for (n, &(q, r, ci, side)) in items.iter().enumerate() {
+    for (n, &(_, ci, side)) in items.iter().enumerate() {
+        let s = side_of(base, ci, side).expect("item from base");
+        let (q, target) = (s.image.unwrap(), s.target.clone().unwrap());
         let view = &base.images[q].view;
         let (w, h) = (view.width as usize, view.height as usize);
         let blurred = blur(view, (w / 28).max(2));
-        let reference = embed(&base.images[r].view)?;
-        let map_of = |e: &crate::explain::Explanation| -> Option<Vec<f32>> {
-            let c = e.comparisons.get(ci)?;
-            let m = if side == 0 {
-                c.query.map.as_ref()?
-            } else {
-                c.reference.map.as_ref()?
-            };
-            Some(m.upsampled.normalized())
+        let scorer = Scorer {
+            backbone: session.backbone.as_ref(),
+            similarity: session.similarity.as_ref(),
+            spec: &session.spec,
+            target: &target,
+            batch: p.pipeline.run.batch_size,
         };
+        let c = &base.comparisons[ci];
+        let other = if side == 0 { &c.reference } else { &c.query };
         let mut row = serde_json::Map::new();
+        row.insert("comparison".into(), c.id.clone().into());
         row.insert(
             "image".into(),
             base.images[q].source.display().to_string().into(),
         );
-        row.insert(
-            "reference".into(),
-            base.images[r].source.display().to_string().into(),
-        );
-        for (mi, method) in METHODS.iter().enumerate() {
-            let map = match *method {
-                "fam" => map_of(&explanations[0]),
-                "gradient" => map_of(&explanations[1]),
-                "activation" => map_of(&explanations[2]),
-                "occlusion" => Some(occlusion_map(
-                    bb,
-                    sim,
-                    spec,
-                    view,
-                    &blurred,
-                    &reference,
-                    (w / 7).max(1),
-                    batch,
-                )?),
+        row.insert("reference".into(), other.label.clone().into());
+        for (mi, method) in methods.iter().enumerate() {
+            let map = match method.as_str() {
+                "occlusion" => Some(occlusion_map(&scorer, view, &blurred, (w / 7).max(1))?),
                 "centre" => Some(centre_map(w, h)),
-                _ => Some(random_map(w, h, n as u64 + 1)),
+                "random" => Some(random_map(w, h, n as u64 + 1)),
+                name => explanations
+                    .get(name)
+                    .and_then(|e| side_of(e, ci, side))
+                    .and_then(|s| s.map)
+                    .map(|m| m.upsampled.normalized()),
             };
             let Some(map) = map else { continue };
-            let f = faithfulness(
-                bb, sim, spec, view, &blurred, &map, &reference, opts.steps, batch,
-            )?;
+            let f = faithfulness(&scorer, view, &blurred, &map, opts.steps)?;
             row.insert(
                 method.to_string(),
                 serde_json::json!({"drop": f.drop, "increase": f.increase, "deletion_auc": f.deletion_auc, "insertion_auc": f.insertion_auc}),
@@ -554,7 +607,7 @@ pub fn run_eval(
         rows.push(serde_json::Value::Object(row));
     }
     progress.finish_stage();
-    let summaries = METHODS
+    let summaries = methods
         .iter()
         .zip(&per_method)
         .map(|(m, fs)| summarize(m, fs, opts.steps))
@@ -563,12 +616,17 @@ pub fn run_eval(
         pipeline: p.path.display().to_string(),
         backbone: session.backbone.describe(),
         similarity: session.similarity.name(),
+        target: target_name.into(),
         steps: opts.steps,
         summaries,
         items: rows,
     };
-    out.set_writer("fam eval");
     use crate::output::OutputSink;
+    for r in &session.renderers {
+        out.set_writer(&r.name());
+        r.render_eval(&report, &mut out)?;
+    }
+    out.set_writer("fam eval");
     out.write(
         "eval.json",
         &serde_json::to_vec_pretty(&report).map_err(|e| FamError::invalid(e.to_string()))?,
@@ -605,9 +663,10 @@ fn summarize(method: &str, fs: &[Faithfulness], steps: usize) -> MethodSummary {
 /// The summary as a text table.
 pub fn table(report: &EvalReport) -> String {
     let mut s = format!(
-        "{} ({} , {} steps)\n{:<11} {:>5} {:>10} {:>8} {:>10} {:>10}\n",
+        "{} ({}, {}, {} steps)\n{:<21} {:>5} {:>10} {:>8} {:>10} {:>10}\n",
         report.backbone,
         report.similarity,
+        report.target,
         report.steps,
         "method",
         "items",
@@ -618,7 +677,7 @@ pub fn table(report: &EvalReport) -> String {
     );
     for m in &report.summaries {
         s.push_str(&format!(
-            "{:<11} {:>5} {:>10.1} {:>8.1} {:>10.3} {:>10.3}\n",
+            "{:<21} {:>5} {:>10.1} {:>8.1} {:>10.3} {:>10.3}\n",
             m.method,
             m.items,
             m.average_drop,

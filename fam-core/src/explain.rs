@@ -107,6 +107,13 @@ pub fn fam_maps(
     out_h: usize,
     out_w: usize,
 ) -> Result<(Tensor, Tensor)> {
+    let raw = fam_raw(maps, weights)?;
+    let up = upsample_bilinear(&raw.unsqueeze(1)?, out_h, out_w)?;
+    Ok((raw, up.squeeze(1)?))
+}
+
+/// The maps of [`fam_maps`] at feature resolution, `[P, h, w]`.
+pub fn fam_raw(maps: &Tensor, weights: &Tensor) -> Result<Tensor> {
     let (p, c, h, w) = maps.dims4().ctx("feature maps must be [P, C, h, w]")?;
     let (pw, cw) = weights.dims2().ctx("weights must be [P, C]")?;
     if (pw, cw) != (p, c) {
@@ -120,11 +127,59 @@ pub fn fam_maps(
         .matmul(&a)
         .ctx("weighted sum of activation maps")?
         .relu()?
-        .reshape((p, 1, h, w))?;
-    let up = raw
-        .upsample_bilinear2d(out_h, out_w, false)
-        .ctx("bilinear upsampling of maps")?;
-    Ok((raw.squeeze(1)?, up.squeeze(1)?))
+        .reshape((p, h, w))?;
+    Ok(raw)
+}
+
+/// Bilinear upsampling of `[P, 1, h, w]` maps to `[P, 1, H, W]` (half-pixel centres, as
+/// PyTorch's `align_corners=False`). On the CPU it is separable: each output row blends two
+/// rows that were interpolated along x once, so a 7x7 → 224x224 map costs about two
+/// multiply-adds per output pixel. Other devices use candle's kernel.
+pub fn upsample_bilinear(raw: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    if !raw.device().is_cpu() || raw.dtype() != candle_core::DType::F32 {
+        return raw
+            .upsample_bilinear2d(out_h, out_w, false)
+            .ctx("bilinear upsampling of maps");
+    }
+    let (p, one, h, w) = raw.dims4().ctx("maps must be [P, 1, h, w]")?;
+    let data: Vec<f32> = raw.flatten_all()?.to_vec1()?;
+    let mut out = Vec::with_capacity(p * one * out_h * out_w);
+    for src in data.chunks_exact(h * w) {
+        out.extend(bilinear(src, (h, w), (out_h, out_w)));
+    }
+    Ok(Tensor::from_vec(out, (p, one, out_h, out_w), raw.device())?)
+}
+
+/// Separable bilinear resize of one `h × w` map (half-pixel centres).
+pub fn bilinear(src: &[f32], (h, w): (usize, usize), (out_h, out_w): (usize, usize)) -> Vec<f32> {
+    // Source index pairs and weights along one axis.
+    let axis = |n_in: usize, n_out: usize| -> Vec<(usize, usize, f32)> {
+        let scale = n_in as f32 / n_out as f32;
+        (0..n_out)
+            .map(|o| {
+                let s = ((o as f32 + 0.5) * scale - 0.5).max(0.0);
+                let i0 = (s.floor() as usize).min(n_in - 1);
+                let i1 = (i0 + 1).min(n_in - 1);
+                (i0, i1, s - i0 as f32)
+            })
+            .collect()
+    };
+    let (ys, xs) = (axis(h, out_h), axis(w, out_w));
+    let mut rows = vec![0f32; h * out_w];
+    for y in 0..h {
+        let s = &src[y * w..(y + 1) * w];
+        for (o, &(x0, x1, t)) in rows[y * out_w..(y + 1) * out_w].iter_mut().zip(&xs) {
+            *o = s[x0] + (s[x1] - s[x0]) * t;
+        }
+    }
+    let mut out = vec![0f32; out_h * out_w];
+    for (drow, &(y0, y1, t)) in out.chunks_exact_mut(out_w).zip(&ys) {
+        let (r0, r1) = (&rows[y0 * out_w..][..out_w], &rows[y1 * out_w..][..out_w]);
+        for ((o, a), b) in drow.iter_mut().zip(r0).zip(r1) {
+            *o = a + (b - a) * t;
+        }
+    }
+    out
 }
 
 /// The key references are ranked by (higher is nearer): minus the distance where the metric
@@ -215,6 +270,13 @@ pub fn fam_maps_spatial(
     out_h: usize,
     out_w: usize,
 ) -> Result<(Tensor, Tensor)> {
+    let raw = fam_raw_spatial(maps, spatial_weights)?;
+    let up = upsample_bilinear(&raw.unsqueeze(1)?, out_h, out_w)?;
+    Ok((raw, up.squeeze(1)?))
+}
+
+/// The maps of [`fam_maps_spatial`] at feature resolution, `[P, h, w]`.
+pub fn fam_raw_spatial(maps: &Tensor, spatial_weights: &Tensor) -> Result<Tensor> {
     let (p, _, h, w) = maps.dims4().ctx("feature maps must be [P, C, h, w]")?;
     if spatial_weights.dims() != maps.dims() {
         return Err(FamError::invalid(format!(
@@ -231,11 +293,8 @@ pub fn fam_maps_spatial(
         .relu()?
         .reshape((p, h * w))?
         .broadcast_div(&denom)?
-        .reshape((p, 1, h, w))?;
-    let up = raw
-        .upsample_bilinear2d(out_h, out_w, false)
-        .ctx("bilinear upsampling of maps")?;
-    Ok((raw.squeeze(1)?, up.squeeze(1)?))
+        .reshape((p, h, w))?;
+    Ok(raw)
 }
 
 /// A 2-D map in row-major order.
@@ -335,6 +394,45 @@ pub struct Side {
     pub image: Option<usize>,
     /// This side's map with respect to the other side.
     pub map: Option<SaliencyMap>,
+    /// The score this side's map explains, as a function of its image's embedding (used by
+    /// `fam-cli eval` to re-score modified images).
+    pub target: Option<Target>,
+}
+
+/// The score a map explains, as a function of the explained image's raw embedding `z`:
+/// `f(z) = s(T(z), r) − mean_j s(T(z), r_j)` with `T` the task's embedding transform, `r`
+/// the reference and `r_j` the competing references (`contrast = "others"`; none otherwise).
+#[derive(Debug, Clone, Default)]
+pub struct Target {
+    pub reference: Vec<f32>,
+    pub others: Vec<Vec<f32>>,
+    pub transform: crate::pipeline::Transform,
+    /// The CL2N centre (empty otherwise).
+    pub center: Vec<f32>,
+}
+
+impl Target {
+    /// The plain similarity to `reference`, without a transform.
+    pub fn new(reference: &[f32]) -> Self {
+        Self {
+            reference: reference.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// `f(z)` for a raw embedding `z`.
+    pub fn score(&self, similarity: &dyn Similarity, z: &[f32]) -> Result<f32> {
+        let e = self.transform.apply(z, &self.center);
+        let mut s = similarity.score(&e, &self.reference)?;
+        if !self.others.is_empty() {
+            let mut m = 0.0;
+            for o in &self.others {
+                m += similarity.score(&e, o)?;
+            }
+            s -= m / self.others.len() as f32;
+        }
+        Ok(s)
+    }
 }
 
 impl Side {
@@ -344,7 +442,14 @@ impl Side {
             label: label.into(),
             image: Some(index),
             map: None,
+            target: None,
         }
+    }
+
+    /// The same side with the score its map explains.
+    pub fn with_target(mut self, target: Target) -> Self {
+        self.target = Some(target);
+        self
     }
 
     /// A reference that is not an image: a prototype, a centroid.
@@ -353,6 +458,7 @@ impl Side {
             label: label.into(),
             image: None,
             map: None,
+            target: None,
         }
     }
 }
@@ -409,6 +515,25 @@ pub(crate) mod tests {
         }
         fn gradient(&self, _e: &[f32], r: &[f32]) -> Result<Vec<f32>> {
             Ok(r.to_vec())
+        }
+    }
+
+    #[test]
+    fn separable_upsampling_matches_candles_bilinear() {
+        let dev = Device::Cpu;
+        for (h, w, oh, ow) in [(7, 7, 224, 224), (3, 5, 10, 9), (4, 4, 4, 4), (1, 2, 3, 5)] {
+            let raw = Tensor::randn(0f32, 1., (2, 1, h, w), &dev).unwrap();
+            let ours = upsample_bilinear(&raw, oh, ow).unwrap();
+            let theirs = raw.upsample_bilinear2d(oh, ow, false).unwrap();
+            let diff: f32 = (ours - theirs)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(diff < 1e-5, "{h}x{w} -> {oh}x{ow}: {diff}");
         }
     }
 

@@ -6,27 +6,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::error::{FamError, Result};
-use crate::explain::{rank_key, Comparison, Explanation, ImageRecord, Side};
+use crate::explain::{rank_key, Comparison, Explanation, ImageRecord, Side, Target};
 use crate::output::{OutputDir, OutputSink};
 use crate::pipeline::{labelled_images, ClassifyMethod, Contrast, TaskSection, Transform};
 use crate::run::{ms, Embedded, Failure, MapJob, TaskContext, UniqueIds};
-
-/// Applies an embedding transform; `center` is the mean for CL2N.
-fn transform(e: &[f32], t: Transform, center: &[f32]) -> Vec<f32> {
-    let v: Vec<f32> = match t {
-        Transform::Cl2n => e.iter().zip(center).map(|(a, m)| a - m).collect(),
-        _ => e.to_vec(),
-    };
-    if t == Transform::None {
-        return v;
-    }
-    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if n > 0.0 {
-        v.iter().map(|x| x / n).collect()
-    } else {
-        v
-    }
-}
 
 fn mean(vs: &[&Vec<f32>]) -> Vec<f32> {
     let d = vs.first().map(|v| v.len()).unwrap_or(0);
@@ -95,6 +78,8 @@ struct Labelled {
     classes: Vec<String>,
     by_class: BTreeMap<String, Vec<usize>>,
     means: Vec<Vec<f32>>,
+    /// The CL2N centre (the reference set's mean raw embedding).
+    center: Vec<f32>,
 }
 
 fn labelled_sets(
@@ -122,7 +107,7 @@ fn labelled_sets(
     let center = mean(&ok);
     for set in [&mut r, &mut q] {
         for (_, e) in set.ok.iter_mut().flatten() {
-            *e = transform(e, tf, &center);
+            *e = tf.apply(e, &center);
         }
     }
     let mut by_class: BTreeMap<String, Vec<usize>> = BTreeMap::new();
@@ -153,6 +138,7 @@ fn labelled_sets(
         classes,
         by_class,
         means,
+        center,
     })
 }
 
@@ -225,6 +211,7 @@ pub(crate) fn run_few_shot(
         classes,
         by_class,
         means: protos,
+        center,
     } = labelled_sets(ctx, &support, &queries, tf, ["support image", "query"])?;
     let t = Instant::now();
     if classes.len() < 2 {
@@ -238,6 +225,12 @@ pub(crate) fn run_few_shot(
     let weighting = ctx.p.pipeline.explain.weighting;
     // A transformed embedding is no longer the backbone's: its head cannot be used.
     let exact_head = tf == Transform::None;
+    let target = |r: &[f32], others: &[&[f32]]| Target {
+        reference: r.to_vec(),
+        others: others.iter().map(|o| o.to_vec()).collect(),
+        transform: tf,
+        center: center.clone(),
+    };
     let mut comparisons = Vec::new();
     let mut jobs = Vec::new();
     let mut tally = Tally::default();
@@ -269,9 +262,10 @@ pub(crate) fn run_few_shot(
                 let job = MapJob::contrast(sim, weighting, *qrec, e, &protos[c], &others)?;
                 let distance = sim.distance(e, &protos[c])?;
                 jobs.push(job);
+                let target = target(&protos[c], &others);
                 comparisons.push(Comparison {
                     id: format!("{qid}_class-{}", classes[c]),
-                    query: Side::image(qid.clone(), *qrec),
+                    query: Side::image(qid.clone(), *qrec).with_target(target),
                     reference: Side::reference(format!("class {}", classes[c])),
                     score,
                     distance,
@@ -307,6 +301,7 @@ pub(crate) fn run_few_shot(
                         ),
                         image: Some(*srec),
                         map: None,
+                        target: Some(target(e, &others)),
                     },
                     reference: Side::image(qid.clone(), *qrec),
                     score,
@@ -401,6 +396,7 @@ pub(crate) fn run_classify(
         queries: q,
         classes,
         means: centroids,
+        center,
         ..
     } = labelled_sets(ctx, &bank, &queries, tf, ["bank image", "query"])?;
     let t = Instant::now();
@@ -408,6 +404,12 @@ pub(crate) fn run_classify(
     let sim = ctx.session.similarity.as_ref();
     let weighting = ctx.p.pipeline.explain.weighting;
     let exact_head = tf == Transform::None;
+    let target = |r: &[f32]| Target {
+        reference: r.to_vec(),
+        others: vec![],
+        transform: tf,
+        center: center.clone(),
+    };
     let (mut comparisons, mut jobs) = (Vec::new(), Vec::new());
     let mut tally = Tally::default();
     for (j, item) in q.ok.iter().enumerate() {
@@ -440,11 +442,12 @@ pub(crate) fn run_classify(
                         jobs.push(jb);
                         comparisons.push(Comparison {
                             id: format!("{qid}_nn-{:02}_{}", rank + 1, images[*brec].id),
-                            query: Side::image(qid.clone(), *qrec),
+                            query: Side::image(qid.clone(), *qrec).with_target(target(r)),
                             reference: Side::image(
                                 format!("{} ({label})", images[*brec].id),
                                 *brec,
-                            ),
+                            )
+                            .with_target(target(e)),
                             score,
                             distance,
                             group: Some(qid.clone()),
@@ -475,7 +478,7 @@ pub(crate) fn run_classify(
                     jobs.push(job);
                     comparisons.push(Comparison {
                         id: format!("{qid}_centroid-{}", classes[c]),
-                        query: Side::image(qid.clone(), *qrec),
+                        query: Side::image(qid.clone(), *qrec).with_target(target(&centroids[c])),
                         reference: Side::reference(format!("centroid {}", classes[c])),
                         score,
                         distance,

@@ -13,6 +13,7 @@
 //!
 //! fam-core knows no concrete model: models, metrics and renderers live in plugins.
 
+pub mod bench;
 pub mod cache;
 pub mod device;
 pub mod error;

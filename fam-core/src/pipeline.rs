@@ -238,6 +238,25 @@ pub enum Transform {
     Cl2n,
 }
 
+impl Transform {
+    /// Applies the transform to an embedding; `center` is the mean for CL2N.
+    pub fn apply(self, e: &[f32], center: &[f32]) -> Vec<f32> {
+        let v: Vec<f32> = match self {
+            Transform::Cl2n => e.iter().zip(center).map(|(a, m)| a - m).collect(),
+            _ => e.to_vec(),
+        };
+        if self == Transform::None {
+            return v;
+        }
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if n > 0.0 {
+            v.iter().map(|x| x / n).collect()
+        } else {
+            v
+        }
+    }
+}
+
 /// What a map explains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -25,7 +25,7 @@ use crate::output::OutputSink;
 use crate::traits::{Backbone, Features, InputSpec, LayerInfo, Renderer, Similarity};
 
 /// Bumped whenever the declaration or any trait crossing the boundary changes.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 /// The fam-core version a plugin was compiled against.
 pub const CORE_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The compiler that built this copy of fam-core.
@@ -438,6 +438,15 @@ impl Renderer for GuardedRenderer {
     fn render(&self, explanation: &Explanation, out: &mut dyn OutputSink) -> Result<()> {
         guard(&self.plugin, "Renderer::render", || {
             self.inner.render(explanation, out)
+        })
+    }
+    fn render_eval(
+        &self,
+        report: &crate::eval::EvalReport,
+        out: &mut dyn OutputSink,
+    ) -> Result<()> {
+        guard(&self.plugin, "Renderer::render_eval", || {
+            self.inner.render_eval(report, out)
         })
     }
 }

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 
 use crate::cache::{sha256_hex, FeatureCache};
 use crate::error::{CandleContext, FamError, Result};
-use crate::explain::{rank_key, Comparison, Explanation, ImageRecord, Side};
+use crate::explain::{rank_key, Comparison, Explanation, ImageRecord, Side, Target};
 use crate::output::{OutputDir, OutputSink};
 use crate::pipeline::TaskSection;
 use crate::preprocess::{self, Prepared};
@@ -229,8 +229,8 @@ pub(crate) fn run_retrieval(
             let (qid, hid) = (images[qr].id.clone(), images[hr].id.clone());
             comparisons.push(Comparison {
                 id: format!("{qid}_hit-{:02}_{hid}", rank + 1),
-                query: Side::image(qid.clone(), qr),
-                reference: Side::image(hid, hr),
+                query: Side::image(qid.clone(), qr).with_target(Target::new(r)),
+                reference: Side::image(hid, hr).with_target(Target::new(e)),
                 score: *score,
                 distance: *distance,
                 group: Some(qid),

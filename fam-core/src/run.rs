@@ -9,9 +9,9 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{CandleContext, FamError, Result};
 use crate::explain::{
-    channel_weights, contrast_raw, embedding_weights, fam_maps, fam_maps_spatial,
+    channel_weights, contrast_raw, embedding_weights, fam_raw, fam_raw_spatial,
     normalize_contributions, Comparison, Explanation, ImageRecord, Map2, RunInfo, SaliencyMap,
-    Side, Weighting,
+    Side, Target, Weighting,
 };
 use crate::output::{safe_stem, write_atomic, OutputDir};
 use crate::pipeline::{LoadedPipeline, TaskSection};
@@ -315,13 +315,19 @@ pub(crate) fn compute_maps(
     } else {
         backbone.pullback(&u)?
     };
-    let (raw, up) = match pulled {
+    let raw = match pulled {
         // Affine head: exact spatial contributions (contribution), or Grad-CAM's spatially
         // averaged gradient (gradient).
         Some((w, _offset)) if weighting == Weighting::Contribution => {
-            fam_maps_spatial(&gathered, &w, size.0, size.1)?
+            fam_raw_spatial(&gathered, &w)?
         }
-        Some((w, _offset)) => fam_maps(&gathered, &w.mean((2, 3))?, size.0, size.1)?,
+        Some((w, _offset)) => fam_raw(&gathered, &w.mean((2, 3))?)?,
+        // The activation baseline is the mean of the feature channels, whatever the head.
+        None if weighting == Weighting::Activation => {
+            let c = gathered.dims()[1];
+            let w = Tensor::full(1.0 / c as f32, (jobs.len(), c), device)?;
+            fam_raw(&gathered, &w)?
+        }
         None => {
             let c = jobs[0].weights.len();
             if c != gathered.dims()[1] {
@@ -335,12 +341,25 @@ pub(crate) fn compute_maps(
                 .flat_map(|j| j.weights.iter().copied())
                 .collect();
             let w = Tensor::from_vec(flat, (jobs.len(), c), device)?;
-            fam_maps(&gathered, &w, size.0, size.1)?
+            fam_raw(&gathered, &w)?
         }
     };
-    let raw = Map2::from_batch(&raw)?;
-    let up = Map2::from_batch(&up)?;
-    Ok(raw
+    let maps_raw = Map2::from_batch(&raw)?;
+    // On the CPU each map is upsampled straight into its own buffer, without a batch tensor
+    // and its copies.
+    let up = if device.is_cpu() {
+        maps_raw
+            .iter()
+            .map(|m| {
+                let data = crate::explain::bilinear(&m.data, (m.height, m.width), size);
+                Map2::new(size.0, size.1, data)
+            })
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        let up = crate::explain::upsample_bilinear(&raw.unsqueeze(1)?, size.0, size.1)?;
+        Map2::from_batch(&up.squeeze(1)?)?
+    };
+    Ok(maps_raw
         .into_iter()
         .zip(up)
         .map(|(raw, upsampled)| SaliencyMap { raw, upsampled })
@@ -356,25 +375,42 @@ pub fn run_pipeline(
     progress: &dyn Progress,
 ) -> Result<RunReport> {
     let start = Instant::now();
-    let mut timings = Timings::default();
-    let pl = &p.pipeline;
-    let output = opts.output.clone().unwrap_or_else(|| pl.run.output.clone());
+    let output = opts
+        .output
+        .clone()
+        .unwrap_or_else(|| p.pipeline.run.output.clone());
     let session = Session::open(p, host, opts)?;
-    timings.load_models = ms(start);
+    let load_models = ms(start);
     tracing::info!(backbone = %session.backbone.describe(), similarity = %session.similarity.name(), device = ?session.device, "models loaded");
+    run_with_session(p, &session, &output, progress, load_models)
+}
 
-    let mut out = OutputDir::create(&output)?;
+/// Runs the pipeline's task and renderers with models already loaded (which took
+/// `load_models` ms), and writes the manifest.
+pub fn run_with_session(
+    p: &LoadedPipeline,
+    session: &Session,
+    output: &Path,
+    progress: &dyn Progress,
+    load_models: f64,
+) -> Result<RunReport> {
+    let start = Instant::now();
+    let mut timings = Timings {
+        load_models,
+        ..Default::default()
+    };
+    let mut out = OutputDir::create(output)?;
     let mut failures = Vec::new();
     let mut counts = Counts::default();
     let mut ctx = TaskContext {
         p,
-        session: &session,
+        session,
         progress,
         timings: &mut timings,
         counts: &mut counts,
         failures: &mut failures,
     };
-    let (explanation, items_total) = run_task(&mut ctx, &mut out, &output)?;
+    let (explanation, items_total) = run_task(&mut ctx, &mut out, output)?;
 
     let t = Instant::now();
     for r in &session.renderers {
@@ -389,14 +425,14 @@ pub fn run_pipeline(
         }
     }
     timings.render = ms(t);
-    timings.total = ms(start);
+    timings.total = ms(start) + load_models;
 
     let items_failed = failures
         .iter()
         .filter(|f| !f.item.starts_with("renderer "))
         .count();
     let report = RunReport {
-        output: output.clone(),
+        output: output.to_path_buf(),
         items_total,
         items_ok: items_total.saturating_sub(items_failed),
         files_written: out.written().len() + 1,
@@ -404,7 +440,7 @@ pub fn run_pipeline(
         failures,
         timings_ms: timings,
     };
-    write_manifest(&mut out, p, &session, &explanation, &report)?;
+    write_manifest(&mut out, p, session, &explanation, &report)?;
     Ok(report)
 }
 
@@ -563,8 +599,8 @@ fn run_pairs(ctx: &mut TaskContext, pairs: &[(PathBuf, PathBuf)]) -> Result<(Exp
             Ok((
                 Comparison {
                     id,
-                    query: side(ia),
-                    reference: side(ib),
+                    query: side(ia).with_target(Target::new(eb)),
+                    reference: side(ib).with_target(Target::new(ea)),
                     score,
                     distance,
                     group: None,
@@ -575,7 +611,7 @@ fn run_pairs(ctx: &mut TaskContext, pairs: &[(PathBuf, PathBuf)]) -> Result<(Exp
         })();
         match result {
             Ok((c, [ja, jb])) => {
-                tracing::info!(pair = i + 1, score = c.score, "scored");
+                tracing::debug!(pair = i + 1, score = c.score, "scored");
                 comparisons.push(c);
                 jobs.push(ja);
                 jobs.push(jb);

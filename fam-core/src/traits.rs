@@ -125,4 +125,13 @@ pub trait Renderer: Send + Sync {
     /// The renderer's name, e.g. `overlay`.
     fn name(&self) -> String;
     fn render(&self, explanation: &Explanation, out: &mut dyn OutputSink) -> Result<()>;
+    /// Renders the results of `fam-cli eval` (for example a plot of the mean deletion and
+    /// insertion curves). The default writes nothing.
+    fn render_eval(
+        &self,
+        _report: &crate::eval::EvalReport,
+        _out: &mut dyn OutputSink,
+    ) -> Result<()> {
+        Ok(())
+    }
 }

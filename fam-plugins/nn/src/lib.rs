@@ -1,5 +1,9 @@
 //! fam-nn: inference layers shared by the CNN plugins, with BatchNorm folded into the
-//! convolutions at load time, and a fast depthwise convolution.
+//! convolutions at load time. On the CPU the convolutions run on the direct kernels of
+//! [`cpu`] (fused bias and activation, a direct depthwise convolution); on other devices
+//! they are composed from candle's tensor operations.
+
+pub mod cpu;
 
 use fam_core::candle::{DType, Device, IndexOp, Tensor};
 use fam_core::weights::{self, StateDict};
@@ -28,6 +32,10 @@ pub struct ConvBn {
     padding: usize,
     groups: usize,
     act: Act,
+    /// The same convolution in host memory, for the CPU kernels (CPU models only).
+    host: Option<std::sync::Arc<cpu::HostConv>>,
+    /// The same, arranged for channels-last activations (CPU models only).
+    nhwc: Option<std::sync::Arc<cpu::NhwcConv>>,
 }
 
 impl ConvBn {
@@ -77,6 +85,23 @@ impl ConvBn {
         let bias = (beta - (mean * &scale)?)?;
         // Input channels: a depthwise kernel has one per output channel.
         let groups = if i == 1 && o > 1 { o } else { 1 };
+        let host = match device {
+            Device::Cpu => Some(std::sync::Arc::new(cpu::HostConv {
+                weight: weight.flatten_all()?.to_vec1()?,
+                bias: bias.to_vec1()?,
+                out_channels: o,
+                in_per_group: i,
+                k: kh,
+                stride,
+                padding: kh / 2,
+                groups,
+                act,
+            })),
+            _ => None,
+        };
+        let nhwc = host
+            .as_ref()
+            .map(|h| std::sync::Arc::new(cpu::NhwcConv::new(h.as_ref().clone())));
         Ok(Self {
             weight: weight.to_device(device)?,
             bias: bias.to_device(device)?,
@@ -84,6 +109,8 @@ impl ConvBn {
             padding: kh / 2,
             groups,
             act,
+            host,
+            nhwc,
         })
     }
 
@@ -95,7 +122,43 @@ impl ConvBn {
         self.weight.dims()[1] * self.groups
     }
 
+    /// Runs on a channels-last CPU batch `[B, H, W, C]` (f32), returning `[B, Ho, Wo, O]`;
+    /// `threads > 1` splits each image's work, 1 keeps it on the calling thread.
+    pub fn forward_nhwc(&self, x: &Tensor, threads: usize) -> Result<Tensor> {
+        let Some(conv) = &self.nhwc else {
+            return Err(FamError::invalid(
+                "channels-last convolution needs a model loaded on the CPU",
+            ));
+        };
+        let dims = x.dims4()?;
+        if dims.3 != self.in_channels() {
+            return Err(FamError::invalid(format!(
+                "convolution expects {} input channels, got {:?} (NHWC)",
+                self.in_channels(),
+                x.dims()
+            )));
+        }
+        with_host_slice(x, |data| {
+            let (out, shape) = conv.forward(data, dims, threads);
+            Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (Some(host), Device::Cpu, DType::F32) = (&self.host, x.device(), x.dtype()) {
+            let dims = x.dims4()?;
+            if dims.1 != self.in_channels() {
+                return Err(FamError::invalid(format!(
+                    "convolution expects {} input channels, got {:?}",
+                    self.in_channels(),
+                    x.dims()
+                )));
+            }
+            return with_host_slice(x, |data| {
+                let (out, shape) = cpu::conv2d(data, dims, host);
+                Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
+            });
+        }
         let (o, _, k, _) = self.weight.dims4()?;
         let y = if self.groups > 1 {
             depthwise(x, &self.weight, self.stride, self.padding)?
@@ -117,6 +180,21 @@ impl ConvBn {
             Act::LeakyRelu01 => (y.relu()? + (y.minimum(0f32)? * 0.1)?)?,
         })
     }
+}
+
+/// Calls `f` with the values of an f32 CPU tensor as one contiguous slice (no copy when the
+/// tensor is already contiguous).
+pub fn with_host_slice<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let fam_core::candle::Storage::Cpu(cs) = &*storage else {
+        return Err(FamError::invalid("expected a tensor in CPU memory"));
+    };
+    let data = cs.as_slice::<f32>()?;
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| FamError::invalid("non-contiguous tensor"))?;
+    f(&data[start..end])
 }
 
 /// Depthwise convolution as a sum over kernel taps of shifted, strided input slices scaled
@@ -170,6 +248,60 @@ pub fn depthwise(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CPU kernels and the tensor-operation path (used on GPUs) agree, for every kind of
+    /// convolution MobileNetV2 and the ResNets use.
+    #[test]
+    fn cpu_kernels_match_the_tensor_path() {
+        let dev = Device::Cpu;
+        // (in, out, k, stride, depthwise, act)
+        for (c, o, k, stride, dw, act) in [
+            (3, 8, 3, 2, false, Act::Relu6),
+            (8, 16, 1, 1, false, Act::None),
+            (8, 8, 3, 1, true, Act::Relu6),
+            (8, 8, 3, 2, true, Act::Relu),
+            (8, 4, 1, 2, false, Act::LeakyRelu01),
+            (4, 6, 3, 1, false, Act::LeakyRelu01),
+        ] {
+            let i = if dw { 1 } else { c };
+            let weight = Tensor::randn(0f32, 1., (o, i, k, k), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1., o, &dev).unwrap();
+            let mut conv = ConvBn {
+                weight: weight.clone(),
+                bias: bias.clone(),
+                stride,
+                padding: k / 2,
+                groups: if dw { c } else { 1 },
+                act,
+                host: None,
+                nhwc: None,
+            };
+            let x = Tensor::randn(0f32, 1., (3, c, 9, 7), &dev).unwrap();
+            let reference = conv.forward(&x).unwrap();
+            conv.host = Some(std::sync::Arc::new(cpu::HostConv {
+                weight: weight.flatten_all().unwrap().to_vec1().unwrap(),
+                bias: bias.to_vec1().unwrap(),
+                out_channels: o,
+                in_per_group: i,
+                k,
+                stride,
+                padding: k / 2,
+                groups: conv.groups,
+                act,
+            }));
+            let ours = conv.forward(&x).unwrap();
+            assert_eq!(ours.dims(), reference.dims());
+            let diff: f32 = (ours - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(diff < 1e-4, "{c}->{o} k{k} s{stride} dw={dw}: {diff}");
+        }
+    }
 
     #[test]
     fn depthwise_matches_grouped_convolution() {

@@ -173,17 +173,50 @@ impl Canvas {
         }
     }
 
+    /// A line `thickness` pixels wide (a square brush stepped along the segment).
+    pub fn line(&mut self, a: (f32, f32), b: (f32, f32), thickness: u32, rgb: [u8; 3]) {
+        let n = ((b.0 - a.0).abs().max((b.1 - a.1).abs()).ceil() as usize).max(1);
+        let r = thickness as i64 / 2;
+        for i in 0..=n {
+            let t = i as f32 / n as f32;
+            let (x, y) = (a.0 + (b.0 - a.0) * t, a.1 + (b.1 - a.1) * t);
+            for dy in -r..=r {
+                for dx in -r..=r {
+                    let (px, py) = (x.round() as i64 + dx, y.round() as i64 + dy);
+                    if px >= 0 && py >= 0 {
+                        self.put(px as u32, py as u32, rgb);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A filled rectangle.
+    pub fn rect(&mut self, x0: u32, y0: u32, w: u32, h: u32, rgb: [u8; 3]) {
+        for y in y0..y0 + h {
+            for x in x0..x0 + w {
+                self.put(x, y, rgb);
+            }
+        }
+    }
+
     pub fn png(&self) -> Result<Vec<u8>> {
         use image::ImageEncoder;
         let mut out = Vec::new();
-        image::codecs::png::PngEncoder::new(&mut out)
-            .write_image(
-                &self.data,
-                self.width,
-                self.height,
-                image::ExtendedColorType::Rgb8,
-            )
-            .map_err(|e| FamError::invalid(format!("PNG encoding failed: {e}")))?;
+        // Fast compression: a map overlay is a photo-like image that deflates poorly anyway,
+        // and the default level costs more than the model's forward pass.
+        image::codecs::png::PngEncoder::new_with_quality(
+            &mut out,
+            image::codecs::png::CompressionType::Fast,
+            image::codecs::png::FilterType::Adaptive,
+        )
+        .write_image(
+            &self.data,
+            self.width,
+            self.height,
+            image::ExtendedColorType::Rgb8,
+        )
+        .map_err(|e| FamError::invalid(format!("PNG encoding failed: {e}")))?;
         Ok(out)
     }
 }

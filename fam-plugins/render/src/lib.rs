@@ -2,10 +2,12 @@
 //!
 //! - `overlay`: one PNG per map, the heatmap (jet by default) blended over the image crop the
 //!   model saw (`alpha`, default 0.5);
-//! - `panel`: one PNG per comparison: both images, both maps, the score and the setup;
+//! - `panel`: one PNG per comparison: both images, both maps, the score and the setup; for
+//!   `fam-cli eval`, `eval-curves.png` with the mean deletion and insertion curves;
 //! - `npy`: raw maps (`h x w`, before upsampling) and upsampled maps (`H x W`) as `.npy`;
 //! - `scores`: `scores.json` with every comparison's score and the files of its maps.
 
+mod curves;
 mod draw;
 
 use fam_core::explain::{Comparison, Explanation, SaliencyMap, Side};
@@ -125,11 +127,24 @@ impl Renderer for Overlay {
         "overlay".into()
     }
     fn render(&self, e: &Explanation, out: &mut dyn OutputSink) -> Result<()> {
-        for c in &e.comparisons {
-            for (tag, side) in sides(c) {
-                if let Some(canvas) = self.overlay(e, side) {
-                    out.write(&format!("overlays/{}_{tag}.png", c.id), &canvas.png()?)?;
-                }
+        // Images are drawn and encoded in parallel, then written in order.
+        use rayon::prelude::*;
+        let jobs: Vec<(String, &Side)> = e
+            .comparisons
+            .iter()
+            .flat_map(|c| {
+                sides(c)
+                    .into_iter()
+                    .map(move |(tag, side)| (format!("overlays/{}_{tag}.png", c.id), side))
+            })
+            .collect();
+        let pngs: Vec<(String, Option<Result<Vec<u8>>>)> = jobs
+            .into_par_iter()
+            .map(|(name, side)| (name, self.overlay(e, side).map(|c| c.png())))
+            .collect();
+        for (name, png) in pngs {
+            if let Some(png) = png {
+                out.write(&name, &png?)?;
             }
         }
         Ok(())
@@ -143,6 +158,13 @@ pub struct Panel(pub Overlay);
 impl Renderer for Panel {
     fn name(&self) -> String {
         "panel".into()
+    }
+    fn render_eval(
+        &self,
+        report: &fam_core::eval::EvalReport,
+        out: &mut dyn OutputSink,
+    ) -> Result<()> {
+        out.write("eval-curves.png", &curves::plot(report)?)
     }
     fn render(&self, e: &Explanation, out: &mut dyn OutputSink) -> Result<()> {
         // Grouped comparisons (a retrieval query and its hits) get one ranking panel.

@@ -55,6 +55,18 @@ impl Stage {
         }
         Ok(y)
     }
+
+    /// The same on channels-last CPU activations.
+    fn forward_nhwc(&self, x: &Tensor, threads: usize) -> Result<Tensor> {
+        let mut y = x.clone();
+        for l in &self.layers {
+            y = l.forward_nhwc(&y, threads)?;
+        }
+        if self.residual {
+            y = (y + x)?;
+        }
+        Ok(y)
+    }
 }
 
 /// MobileNetV2 for inference.
@@ -226,11 +238,42 @@ impl MobileNetV2 {
 
     /// Feature maps at the chosen layer, `[B, C, h, w]`.
     pub fn features(&self, x: &Tensor) -> Result<Tensor> {
+        if self.device.is_cpu() && x.dtype() == fam_core::candle::DType::F32 {
+            return self.features_cpu(x);
+        }
         let mut y = x.clone();
         for s in &self.stages {
             y = s.forward(&y)?;
         }
         Ok(y)
+    }
+
+    /// The CPU path: channels-last activations (every kernel vectorizes over channels), and
+    /// with several images and threads, one image per thread through the whole network, so
+    /// each image's activations stay in cache instead of a whole batch's streaming through
+    /// memory layer by layer.
+    fn features_cpu(&self, x: &Tensor) -> Result<Tensor> {
+        use rayon::prelude::*;
+        let b = x.dims4()?.0;
+        let xt = x.permute((0, 2, 3, 1))?.contiguous()?;
+        let run = |img: Tensor, threads: usize| -> Result<Tensor> {
+            let mut y = img;
+            for s in &self.stages {
+                y = s.forward_nhwc(&y, threads)?;
+            }
+            Ok(y)
+        };
+        let threads = rayon::current_num_threads();
+        let y = if b > 1 && threads > 1 {
+            let outs = (0..b)
+                .into_par_iter()
+                .map(|i| run(xt.narrow(0, i, 1)?, 1))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&outs, 0)?
+        } else {
+            run(xt, threads)?
+        };
+        Ok(y.permute((0, 3, 1, 2))?.contiguous()?)
     }
 
     /// ImageNet logits `[B, 1000]` (only when cut at the last layer and the checkpoint has

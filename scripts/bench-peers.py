@@ -9,7 +9,7 @@ MobileNetV2 (torchvision ImageNet weights, the checkpoint scripts/fetch-models.s
 - onnxruntime:  the forward pass of the same network exported to ONNX;
 - PyTorch:      the forward pass (no gradient);
 - Grad-CAM:     pytorch-grad-cam's GradCAM on features[-1] with a cosine-similarity target
-                (SimilarityToConceptTarget) against the pair partner's embedding; end to end
+                (SimilarityToConceptTarget, as in its embeddings tutorial) against the pair partner's embedding; end to end
                 it also decodes the images and writes one overlay PNG per map, like fam.
 
 Each peer is measured only where its package is installed. Prints a table of per-image
@@ -126,7 +126,15 @@ def main():
         try:
             from pytorch_grad_cam import GradCAM
             from pytorch_grad_cam.utils.image import show_cam_on_image
-            from pytorch_grad_cam.utils.model_targets import SimilarityToConceptTarget
+
+            class SimilarityToConceptTarget:
+                """The cosine-similarity target of pytorch-grad-cam's embeddings tutorial."""
+
+                def __init__(self, features):
+                    self.features = features
+
+                def __call__(self, model_output):
+                    return torch.nn.functional.cosine_similarity(model_output, self.features, dim=0)
         except ImportError as e:
             print(f"pytorch-grad-cam skipped: {e}", file=sys.stderr)
             GradCAM = None

@@ -48,6 +48,20 @@ enum Command {
         /// Print the run report as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Run only part K of N of the items (pairs, or queries), e.g. for an array job;
+        /// writes to `<output>/shard-K-of-N` unless --output is given. `fam-cli merge`
+        /// combines the parts.
+        #[arg(long, value_parser = fam_core::pipeline::Shard::parse)]
+        shard: Option<fam_core::pipeline::Shard>,
+    },
+    /// Combine the output folders of a sharded run (`run --shard K/N`) into one.
+    Merge {
+        /// The shard folders (any order).
+        #[arg(required = true)]
+        shards: Vec<PathBuf>,
+        /// Where the merged output goes.
+        #[arg(long)]
+        output: PathBuf,
     },
     /// Check a pipeline without loading any model; reports every problem at once.
     Validate {
@@ -160,6 +174,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             device,
             output,
             json,
+            shard,
         } => {
             let p = LoadedPipeline::load(&pipeline)?;
             let mut dirs = cli.plugin_dirs.clone();
@@ -169,7 +184,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let report = fam_core::run::run_pipeline(
                 &p,
                 &mut host,
-                &RunOptions { device, output },
+                &RunOptions {
+                    device,
+                    output,
+                    shard,
+                },
                 &progress,
             )?;
             if json {
@@ -290,6 +309,22 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Merge { shards, output } => {
+            let r = fam_core::merge::merge(&output, &shards)?;
+            eprintln!(
+                "{} shards merged: {} of {} items explained, {} files in {}",
+                r.shards,
+                r.items_ok,
+                r.items_total,
+                r.files,
+                r.output.display()
+            );
+            Ok(if r.items_ok == r.items_total {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         Command::Bench {
             pipeline,
             images,
@@ -316,6 +351,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 run: RunOptions {
                     device,
                     output: None,
+                    shard: None,
                 },
                 images: files,
                 count,
@@ -347,7 +383,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             dirs.extend(p.pipeline.run.plugin_dirs.iter().cloned());
             let mut host = PluginHost::new(&dirs);
             let opts = fam_core::eval::EvalOptions {
-                run: RunOptions { device, output },
+                run: RunOptions {
+                    device,
+                    output,
+                    shard: None,
+                },
                 steps: steps.max(1),
                 max_items: max_items.max(1),
                 metric,

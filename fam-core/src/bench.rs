@@ -116,7 +116,7 @@ pub fn run_bench(
         let mut runs: Vec<(Timings, f64)> = Vec::new();
         for i in 0..=opts.repeat.max(1) {
             let t = Instant::now();
-            let report = run_with_session(&pb, &session, &out, &NoProgress, 0.0)?;
+            let report = run_with_session(&pb, &session, &out, &NoProgress, 0.0, None)?;
             let wall = t.elapsed().as_secs_f64() * 1e3;
             if report.items_ok != report.items_total {
                 return Err(FamError::invalid(format!(

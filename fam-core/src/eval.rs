@@ -411,8 +411,8 @@ impl Default for EvalOptions {
 pub struct MethodSummary {
     pub method: String,
     pub items: usize,
-    /// Items with a non-positive score, left out of Average Drop.
-    pub skipped_drop: usize,
+    /// Items with a non-positive score, left out of Average Drop and the curves.
+    pub skipped: usize,
     pub average_drop: f32,
     pub increase_in_confidence: f32,
     pub deletion_auc: f32,
@@ -522,6 +522,7 @@ pub fn run_eval(
             timings: &mut timings,
             counts: &mut counts,
             failures: &mut failures,
+            shard: None,
         };
         let e = crate::run::run_task(&mut ctx, &mut out, &output)?.0;
         explanations.insert(name.to_string(), e);
@@ -634,27 +635,34 @@ pub fn run_eval(
     Ok(report)
 }
 
+/// Means over the items. Average Drop, the curves and their AUCs use the items with a
+/// positive score only: `s_k / s` is a share of the score only where `s > 0` (a Euclidean
+/// similarity `‖r‖² − ‖e − r‖²` of two unrelated images is often negative or near zero,
+/// and dividing by it would let a few items swamp the mean). The others are counted in
+/// `skipped`.
 fn summarize(method: &str, fs: &[Faithfulness], steps: usize) -> MethodSummary {
     let n = fs.len().max(1) as f32;
-    let drops: Vec<f32> = fs.iter().filter_map(|f| f.drop).collect();
+    let pos: Vec<&Faithfulness> = fs.iter().filter(|f| f.score > 0.0).collect();
+    let np = pos.len().max(1) as f32;
+    let drops: Vec<f32> = pos.iter().filter_map(|f| f.drop).collect();
     let mean_curve = |get: &dyn Fn(&Faithfulness) -> &Vec<f32>| -> Vec<f32> {
         (0..=steps)
             .map(|k| {
-                fs.iter()
+                pos.iter()
                     .map(|f| get(f).get(k).copied().unwrap_or(0.0))
                     .sum::<f32>()
-                    / n
+                    / np
             })
             .collect()
     };
     MethodSummary {
         method: method.to_string(),
         items: fs.len(),
-        skipped_drop: fs.len() - drops.len(),
+        skipped: fs.len() - pos.len(),
         average_drop: 100.0 * drops.iter().sum::<f32>() / drops.len().max(1) as f32,
         increase_in_confidence: 100.0 * fs.iter().filter(|f| f.increase).count() as f32 / n,
-        deletion_auc: fs.iter().map(|f| f.deletion_auc).sum::<f32>() / n,
-        insertion_auc: fs.iter().map(|f| f.insertion_auc).sum::<f32>() / n,
+        deletion_auc: pos.iter().map(|f| f.deletion_auc).sum::<f32>() / np,
+        insertion_auc: pos.iter().map(|f| f.insertion_auc).sum::<f32>() / np,
         mean_deletion: mean_curve(&|f| &f.deletion),
         mean_insertion: mean_curve(&|f| &f.insertion),
     }
@@ -663,13 +671,14 @@ fn summarize(method: &str, fs: &[Faithfulness], steps: usize) -> MethodSummary {
 /// The summary as a text table.
 pub fn table(report: &EvalReport) -> String {
     let mut s = format!(
-        "{} ({}, {}, {} steps)\n{:<21} {:>5} {:>10} {:>8} {:>10} {:>10}\n",
+        "{} ({}, {}, {} steps)\n{:<21} {:>5} {:>7} {:>10} {:>8} {:>10} {:>10}\n",
         report.backbone,
         report.similarity,
         report.target,
         report.steps,
         "method",
         "items",
+        "s<=0",
         "AvgDrop%↓",
         "IC%↑",
         "Deletion↓",
@@ -677,9 +686,10 @@ pub fn table(report: &EvalReport) -> String {
     );
     for m in &report.summaries {
         s.push_str(&format!(
-            "{:<21} {:>5} {:>10.1} {:>8.1} {:>10.3} {:>10.3}\n",
+            "{:<21} {:>5} {:>7} {:>10.1} {:>8.1} {:>10.3} {:>10.3}\n",
             m.method,
             m.items,
+            m.skipped,
             m.average_drop,
             m.increase_in_confidence,
             m.deletion_auc,

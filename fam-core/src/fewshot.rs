@@ -34,7 +34,7 @@ fn image_set(
     emb: &Embedded,
     offset: usize,
     items: &[(Option<String>, PathBuf)],
-    ids: &mut UniqueIds,
+    ids: &[String],
     images: &mut Vec<ImageRecord>,
     failures: &mut Vec<Failure>,
     what: &str,
@@ -45,7 +45,7 @@ fn image_set(
             Ok(s) => {
                 let rec = images.len();
                 images.push(ImageRecord {
-                    id: ids.id(path),
+                    id: ids[j].clone(),
                     source: path.clone(),
                     view: emb.views[*s].view.clone(),
                 });
@@ -85,19 +85,30 @@ struct Labelled {
 fn labelled_sets(
     ctx: &mut TaskContext,
     refs: &[(Option<String>, PathBuf)],
-    queries: &[(Option<String>, PathBuf)],
+    all_queries: &[(Option<String>, PathBuf)],
     tf: Transform,
     what: [&str; 2],
 ) -> Result<Labelled> {
+    // Only this shard's queries are run; ids come from the full lists, so they are the same
+    // in every shard as in a single run.
+    let range = ctx.shard_range(all_queries.len());
+    let queries = &all_queries[range.clone()];
+    let mut unique = UniqueIds::default();
+    let ids: Vec<String> = refs
+        .iter()
+        .chain(all_queries)
+        .map(|(_, p)| unique.id(p))
+        .collect();
+    let (ref_ids, query_ids) = ids.split_at(refs.len());
     let paths: Vec<PathBuf> = refs.iter().chain(queries).map(|(_, p)| p.clone()).collect();
     let emb = ctx.embed(&paths, true)?;
-    let (mut ids, mut images) = (UniqueIds::default(), Vec::new());
-    let mut r = image_set(&emb, 0, refs, &mut ids, &mut images, ctx.failures, what[0]);
+    let mut images = Vec::new();
+    let mut r = image_set(&emb, 0, refs, ref_ids, &mut images, ctx.failures, what[0]);
     let mut q = image_set(
         &emb,
         refs.len(),
         queries,
-        &mut ids,
+        &query_ids[range],
         &mut images,
         ctx.failures,
         what[1],
@@ -351,7 +362,7 @@ pub(crate) fn run_few_shot(
             images,
             comparisons,
         },
-        queries.len(),
+        ctx.shard_range(queries.len()).len(),
     ))
 }
 
@@ -525,6 +536,6 @@ pub(crate) fn run_classify(
             images,
             comparisons,
         },
-        queries.len(),
+        ctx.shard_range(queries.len()).len(),
     ))
 }

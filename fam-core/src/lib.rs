@@ -20,6 +20,7 @@ pub mod error;
 pub mod eval;
 pub mod explain;
 pub mod fewshot;
+pub mod merge;
 pub mod output;
 pub mod pickle;
 pub mod pipeline;

@@ -228,6 +228,50 @@ fn default_k() -> usize {
     5
 }
 
+/// One of `count` contiguous parts of a run's items (`--shard K/N`): pairs for `pair`,
+/// queries for the other tasks. Contiguous blocks keep the items in order, so merging the
+/// shards' outputs in shard order gives the single run's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Shard {
+    /// From 0.
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    /// Parses `K/N` (K from 1 to N).
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        let (k, n) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not a shard: write K/N, e.g. 2/8"))?;
+        let (k, n): (usize, usize) = (
+            k.trim()
+                .parse()
+                .map_err(|_| format!("`{k}` in `{s}` is not a number"))?,
+            n.trim()
+                .parse()
+                .map_err(|_| format!("`{n}` in `{s}` is not a number"))?,
+        );
+        if n == 0 || k == 0 || k > n {
+            return Err(format!("shard `{s}`: K must be between 1 and N"));
+        }
+        Ok(Self {
+            index: k - 1,
+            count: n,
+        })
+    }
+
+    /// The items of this shard among `len`.
+    pub fn range(&self, len: usize) -> std::ops::Range<usize> {
+        len * self.index / self.count..len * (self.index + 1) / self.count
+    }
+
+    /// `K-of-N`, for folder names.
+    pub fn label(&self) -> String {
+        format!("{}-of-{}", self.index + 1, self.count)
+    }
+}
+
 /// Embedding transforms used by strong few-shot baselines (SimpleShot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -42,6 +42,18 @@ pub(crate) fn run_retrieval(
         return Err(FamError::invalid("not a retrieval task"));
     };
     let (queries, gallery_files) = (queries.files()?, gallery.files()?);
+    // Ids come from the full lists (every query, then every gallery image), so they are the
+    // same in every shard as in a single run.
+    let mut unique = UniqueIds::default();
+    let all_ids: Vec<String> = queries
+        .iter()
+        .chain(&gallery_files)
+        .map(|p| unique.id(p))
+        .collect();
+    let range = ctx.shard_range(queries.len());
+    let (query_ids, gallery_ids) = all_ids.split_at(queries.len());
+    let query_ids = query_ids[range.clone()].to_vec();
+    let queries = queries[range].to_vec();
     let cache = if *cache {
         let root = cache_dir.clone().unwrap_or_else(|| output.join("cache"));
         Some(FeatureCache::open(
@@ -58,7 +70,6 @@ pub(crate) fn run_retrieval(
 
     // Queries, with their feature maps.
     let q = ctx.embed(&queries, true)?;
-    let mut ids = UniqueIds::default();
     let mut images: Vec<ImageRecord> = Vec::new();
     let mut query_rec = vec![None; queries.len()];
     for (i, path) in queries.iter().enumerate() {
@@ -67,7 +78,7 @@ pub(crate) fn run_retrieval(
                 debug_assert_eq!(*s, images.len());
                 query_rec[i] = Some(images.len());
                 images.push(ImageRecord {
-                    id: ids.id(path),
+                    id: query_ids[i].clone(),
                     source: path.clone(),
                     view: q.views[*s].view.clone(),
                 });
@@ -176,7 +187,7 @@ pub(crate) fn run_retrieval(
             (Ok(view), Some(m)) => {
                 hit_rec.insert(g, images.len());
                 images.push(ImageRecord {
-                    id: ids.id(&gallery[g].path),
+                    id: gallery_ids[g].clone(),
                     source: gallery[g].path.clone(),
                     view: view.view.clone(),
                 });

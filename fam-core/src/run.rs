@@ -75,6 +75,8 @@ pub struct Timings {
 pub struct RunOptions {
     pub device: Option<String>,
     pub output: Option<PathBuf>,
+    /// Run only this part of the items (`--shard K/N`).
+    pub shard: Option<crate::pipeline::Shard>,
 }
 
 /// The objects a pipeline needs, created from its plugins. Creating them loads the model.
@@ -375,14 +377,15 @@ pub fn run_pipeline(
     progress: &dyn Progress,
 ) -> Result<RunReport> {
     let start = Instant::now();
-    let output = opts
-        .output
-        .clone()
-        .unwrap_or_else(|| p.pipeline.run.output.clone());
+    // A shard writes to its own folder unless told otherwise: `<output>/shard-K-of-N`.
+    let output = opts.output.clone().unwrap_or_else(|| match opts.shard {
+        Some(s) => p.pipeline.run.output.join(format!("shard-{}", s.label())),
+        None => p.pipeline.run.output.clone(),
+    });
     let session = Session::open(p, host, opts)?;
     let load_models = ms(start);
     tracing::info!(backbone = %session.backbone.describe(), similarity = %session.similarity.name(), device = ?session.device, "models loaded");
-    run_with_session(p, &session, &output, progress, load_models)
+    run_with_session(p, &session, &output, progress, load_models, opts.shard)
 }
 
 /// Runs the pipeline's task and renderers with models already loaded (which took
@@ -393,6 +396,7 @@ pub fn run_with_session(
     output: &Path,
     progress: &dyn Progress,
     load_models: f64,
+    shard: Option<crate::pipeline::Shard>,
 ) -> Result<RunReport> {
     let start = Instant::now();
     let mut timings = Timings {
@@ -409,6 +413,7 @@ pub fn run_with_session(
         timings: &mut timings,
         counts: &mut counts,
         failures: &mut failures,
+        shard,
     };
     let (explanation, items_total) = run_task(&mut ctx, &mut out, output)?;
 
@@ -440,7 +445,7 @@ pub fn run_with_session(
         failures,
         timings_ms: timings,
     };
-    write_manifest(&mut out, p, session, &explanation, &report)?;
+    write_manifest(&mut out, p, session, &explanation, &report, shard)?;
     Ok(report)
 }
 
@@ -450,10 +455,12 @@ fn write_manifest(
     session: &Session,
     explanation: &Explanation,
     report: &RunReport,
+    shard: Option<crate::pipeline::Shard>,
 ) -> Result<()> {
     let manifest = serde_json::json!({
         "fam_version": env!("CARGO_PKG_VERSION"),
         "pipeline": p.path.display().to_string(),
+        "shard": shard.map(|s| format!("{}/{}", s.index + 1, s.count)),
         "info": explanation.info,
         "device": format!("{:?}", session.device),
         "input": session.spec,
@@ -481,9 +488,13 @@ pub(crate) fn run_task(
 ) -> Result<(Explanation, usize)> {
     match &ctx.p.pipeline.task {
         TaskSection::Pair { pairs } => {
-            let pairs: Vec<(PathBuf, PathBuf)> =
-                pairs.iter().map(|p| (p.a.clone(), p.b.clone())).collect();
-            run_pairs(ctx, &pairs)
+            let range = ctx.shard_range(pairs.len());
+            let first = range.start;
+            let pairs: Vec<(PathBuf, PathBuf)> = pairs[range]
+                .iter()
+                .map(|p| (p.a.clone(), p.b.clone()))
+                .collect();
+            run_pairs(ctx, &pairs, first)
         }
         TaskSection::Retrieval { .. } => crate::retrieval::run_retrieval(ctx, out, output),
         TaskSection::FewShot { .. } => crate::fewshot::run_few_shot(ctx, out),
@@ -499,6 +510,8 @@ pub(crate) struct TaskContext<'a> {
     pub timings: &'a mut Timings,
     pub counts: &'a mut Counts,
     pub failures: &'a mut Vec<Failure>,
+    /// The part of the items to run (`--shard`), or all.
+    pub shard: Option<crate::pipeline::Shard>,
 }
 
 impl TaskContext<'_> {
@@ -541,6 +554,11 @@ impl TaskContext<'_> {
         Ok(())
     }
 
+    /// The items of this run among `len` (all without `--shard`).
+    pub fn shard_range(&self, len: usize) -> std::ops::Range<usize> {
+        self.shard.map(|s| s.range(len)).unwrap_or(0..len)
+    }
+
     pub fn embed(&mut self, paths: &[PathBuf], keep_maps: bool) -> Result<Embedded> {
         embed_images(
             self.session.backbone.as_ref(),
@@ -557,7 +575,12 @@ impl TaskContext<'_> {
 
 /// The pair task: every pair gives a score and two maps (each image with respect to the
 /// other).
-fn run_pairs(ctx: &mut TaskContext, pairs: &[(PathBuf, PathBuf)]) -> Result<(Explanation, usize)> {
+/// `first` is the index of the first pair in the pipeline (for ids, when sharded).
+fn run_pairs(
+    ctx: &mut TaskContext,
+    pairs: &[(PathBuf, PathBuf)],
+    first: usize,
+) -> Result<(Explanation, usize)> {
     let (p, session) = (ctx.p, ctx.session);
     // Each distinct image is decoded and embedded once, however many pairs use it.
     let mut unique: Vec<PathBuf> = Vec::new();
@@ -583,6 +606,7 @@ fn run_pairs(ctx: &mut TaskContext, pairs: &[(PathBuf, PathBuf)]) -> Result<(Exp
     let mut comparisons = Vec::new();
     let mut jobs = Vec::new();
     for (i, (a, b)) in pairs.iter().enumerate() {
+        let i = first + i;
         let (ua, ub) = (slot_of(a), slot_of(b));
         let item = format!("pair {} ({} vs {})", i + 1, a.display(), b.display());
         let result = (|| -> Result<(Comparison, [MapJob; 2])> {

@@ -7,5 +7,6 @@ mod fewshot;
 mod pair;
 mod plugins;
 mod retrieval;
+mod shard;
 mod util;
 mod validate;

@@ -11,8 +11,11 @@
 //! - **Increase in Confidence**: the percentage of items with `s' > s`. Higher is better.
 //! - **Deletion / insertion** (RISE): pixels in order of decreasing saliency are replaced by a
 //!   blurred copy of the image (deletion), or revealed on the blurred copy (insertion), in
-//!   `steps` equal steps; the area under `s_k / s` over the fraction of pixels, by the
-//!   trapezoid rule. Deletion: lower is better; insertion: higher is better.
+//!   `steps` equal steps; the area under `(s_k − s_blur) / (s − s_blur)` over the fraction of
+//!   pixels, by the trapezoid rule, with `s_blur` the score of the fully blurred image. The
+//!   curves run from 1 to 0 (deletion) and from 0 to 1 (insertion) whatever the metric, so
+//!   similarities that can be negative or tiny (Euclidean, margins) are comparable. Deletion:
+//!   lower is better; insertion: higher is better.
 //!
 //! Every variant image of an item goes through the backbone in batches.
 
@@ -32,10 +35,20 @@ pub struct Faithfulness {
     /// `(s − s') / s` clipped to [0, 1], or `None` where `s ≤ 0`.
     pub drop: Option<f32>,
     pub increase: bool,
+    /// The score of the fully blurred image (where deletion ends and insertion starts).
+    pub blurred_score: f32,
+    /// `s_k / s` as pixels are removed (zeros where `s ≤ 0`).
     pub deletion: Vec<f32>,
+    /// `s_k / s` as pixels are revealed on the blurred image.
     pub insertion: Vec<f32>,
-    pub deletion_auc: f32,
-    pub insertion_auc: f32,
+    /// Areas under those curves (`None` where `s ≤ 0`).
+    pub deletion_auc: Option<f32>,
+    pub insertion_auc: Option<f32>,
+    /// The areas with each curve rescaled to run between the blurred image (0) and the
+    /// unmodified one (1): `(s_k − s_blur) / (s − s_blur)`. `None` where blurring leaves the
+    /// score unchanged.
+    pub deletion_auc_range: Option<f32>,
+    pub insertion_auc_range: Option<f32>,
 }
 
 /// A box blur (radius `r`, two passes: close to a Gaussian), the "removed" state of a pixel.
@@ -184,18 +197,31 @@ pub fn faithfulness(
     }
     let s = scorer.scores((w, h), &variants)?;
     let (score, masked) = (s[0], s[1]);
-    let norm = |x: f32| if score.abs() > 0.0 { x / score } else { 0.0 };
-    let deletion: Vec<f32> = s[2..3 + steps].iter().map(|&x| norm(x)).collect();
-    let insertion: Vec<f32> = s[3 + steps..].iter().map(|&x| norm(x)).collect();
+    // Deletion ends, and insertion starts, at the fully blurred image.
+    let blurred_score = s[2 + steps];
+    let (del_raw, ins_raw) = (&s[2..3 + steps], &s[3 + steps..]);
+    let positive = score > 0.0;
+    let ratio = |v: &[f32]| -> Vec<f32> {
+        v.iter()
+            .map(|&x| if positive { x / score } else { 0.0 })
+            .collect()
+    };
+    let range = score - blurred_score;
+    let has_range = range.abs() > 1e-6 * score.abs().max(blurred_score.abs()).max(1e-12);
+    // AUCs are linear in the curve, so the rescaled areas follow from the raw ones.
+    let (auc_del, auc_ins) = (auc(del_raw), auc(ins_raw));
     Ok(Faithfulness {
         score,
         masked_score: masked,
-        drop: (score > 0.0).then(|| ((score - masked) / score).clamp(0.0, 1.0)),
+        drop: positive.then(|| ((score - masked) / score).clamp(0.0, 1.0)),
         increase: masked > score,
-        deletion_auc: auc(&deletion),
-        insertion_auc: auc(&insertion),
-        deletion,
-        insertion,
+        blurred_score,
+        deletion: ratio(del_raw),
+        insertion: ratio(ins_raw),
+        deletion_auc: positive.then(|| auc_del / score),
+        insertion_auc: positive.then(|| auc_ins / score),
+        deletion_auc_range: has_range.then(|| (auc_del - blurred_score) / range),
+        insertion_auc_range: has_range.then(|| (auc_ins - blurred_score) / range),
     })
 }
 
@@ -347,18 +373,20 @@ mod tests {
         let bad = faithfulness(&scorer, &view, &blurred, &right, 8).unwrap();
         assert!(
             good.deletion_auc < bad.deletion_auc,
-            "{} vs {}",
+            "{:?} vs {:?}",
             good.deletion_auc,
             bad.deletion_auc
         );
         assert!(
             good.insertion_auc > bad.insertion_auc,
-            "{} vs {}",
+            "{:?} vs {:?}",
             good.insertion_auc,
             bad.insertion_auc
         );
         assert!(good.drop.unwrap() < bad.drop.unwrap());
         assert_eq!(good.deletion[0], 1.0);
+        assert!(good.deletion_auc_range.unwrap() < bad.deletion_auc_range.unwrap());
+        assert!(good.insertion_auc_range.unwrap() > bad.insertion_auc_range.unwrap());
         // Occlusion finds the left half.
         let occ = occlusion_map(&scorer, &view, &blurred, 4).unwrap();
         assert!(occ[0] > occ[7] && occ[8 * 7] > occ[8 * 7 + 7], "{occ:?}");
@@ -411,12 +439,15 @@ impl Default for EvalOptions {
 pub struct MethodSummary {
     pub method: String,
     pub items: usize,
-    /// Items with a non-positive score, left out of Average Drop and the curves.
+    /// Items with a non-positive score, left out of Average Drop and the `s_k / s` curves.
     pub skipped: usize,
     pub average_drop: f32,
     pub increase_in_confidence: f32,
     pub deletion_auc: f32,
     pub insertion_auc: f32,
+    /// With each curve rescaled between the blurred (0) and unmodified (1) image.
+    pub deletion_auc_range: f32,
+    pub insertion_auc_range: f32,
     pub mean_deletion: Vec<f32>,
     pub mean_insertion: Vec<f32>,
 }
@@ -600,7 +631,7 @@ pub fn run_eval(
             let f = faithfulness(&scorer, view, &blurred, &map, opts.steps)?;
             row.insert(
                 method.to_string(),
-                serde_json::json!({"drop": f.drop, "increase": f.increase, "deletion_auc": f.deletion_auc, "insertion_auc": f.insertion_auc}),
+                serde_json::json!({"score": f.score, "drop": f.drop, "increase": f.increase, "deletion_auc": f.deletion_auc, "insertion_auc": f.insertion_auc, "deletion_auc_range": f.deletion_auc_range, "insertion_auc_range": f.insertion_auc_range}),
             );
             per_method[mi].push(f);
             progress.advance(1);
@@ -635,16 +666,14 @@ pub fn run_eval(
     Ok(report)
 }
 
-/// Means over the items. Average Drop, the curves and their AUCs use the items with a
-/// positive score only: `s_k / s` is a share of the score only where `s > 0` (a Euclidean
-/// similarity `‖r‖² − ‖e − r‖²` of two unrelated images is often negative or near zero,
-/// and dividing by it would let a few items swamp the mean). The others are counted in
-/// `skipped`.
+/// Means over the items. Average Drop and the `s_k / s` curves use the items with a
+/// positive score (a share of the score means something only there; the others are counted
+/// in `skipped`); the rescaled areas use the items whose score blurring changes.
 fn summarize(method: &str, fs: &[Faithfulness], steps: usize) -> MethodSummary {
     let n = fs.len().max(1) as f32;
     let pos: Vec<&Faithfulness> = fs.iter().filter(|f| f.score > 0.0).collect();
     let np = pos.len().max(1) as f32;
-    let drops: Vec<f32> = pos.iter().filter_map(|f| f.drop).collect();
+    let mean = |v: Vec<f32>| v.iter().sum::<f32>() / v.len().max(1) as f32;
     let mean_curve = |get: &dyn Fn(&Faithfulness) -> &Vec<f32>| -> Vec<f32> {
         (0..=steps)
             .map(|k| {
@@ -659,10 +688,12 @@ fn summarize(method: &str, fs: &[Faithfulness], steps: usize) -> MethodSummary {
         method: method.to_string(),
         items: fs.len(),
         skipped: fs.len() - pos.len(),
-        average_drop: 100.0 * drops.iter().sum::<f32>() / drops.len().max(1) as f32,
+        average_drop: 100.0 * mean(fs.iter().filter_map(|f| f.drop).collect()),
         increase_in_confidence: 100.0 * fs.iter().filter(|f| f.increase).count() as f32 / n,
-        deletion_auc: pos.iter().map(|f| f.deletion_auc).sum::<f32>() / np,
-        insertion_auc: pos.iter().map(|f| f.insertion_auc).sum::<f32>() / np,
+        deletion_auc: mean(fs.iter().filter_map(|f| f.deletion_auc).collect()),
+        insertion_auc: mean(fs.iter().filter_map(|f| f.insertion_auc).collect()),
+        deletion_auc_range: mean(fs.iter().filter_map(|f| f.deletion_auc_range).collect()),
+        insertion_auc_range: mean(fs.iter().filter_map(|f| f.insertion_auc_range).collect()),
         mean_deletion: mean_curve(&|f| &f.deletion),
         mean_insertion: mean_curve(&|f| &f.insertion),
     }
@@ -671,7 +702,7 @@ fn summarize(method: &str, fs: &[Faithfulness], steps: usize) -> MethodSummary {
 /// The summary as a text table.
 pub fn table(report: &EvalReport) -> String {
     let mut s = format!(
-        "{} ({}, {}, {} steps)\n{:<21} {:>5} {:>7} {:>10} {:>8} {:>10} {:>10}\n",
+        "{} ({}, {}, {} steps)\n{:<21} {:>5} {:>5} {:>10} {:>7} {:>8} {:>9} {:>10} {:>10}\n",
         report.backbone,
         report.similarity,
         report.target,
@@ -681,19 +712,23 @@ pub fn table(report: &EvalReport) -> String {
         "s<=0",
         "AvgDrop%↓",
         "IC%↑",
-        "Deletion↓",
-        "Insertion↑"
+        "Del/s↓",
+        "Ins/s↑",
+        "Del(rng)↓",
+        "Ins(rng)↑",
     );
     for m in &report.summaries {
         s.push_str(&format!(
-            "{:<21} {:>5} {:>7} {:>10.1} {:>8.1} {:>10.3} {:>10.3}\n",
+            "{:<21} {:>5} {:>5} {:>10.1} {:>7.1} {:>8.3} {:>9.3} {:>10.3} {:>10.3}\n",
             m.method,
             m.items,
             m.skipped,
             m.average_drop,
             m.increase_in_confidence,
             m.deletion_auc,
-            m.insertion_auc
+            m.insertion_auc,
+            m.deletion_auc_range,
+            m.insertion_auc_range,
         ));
     }
     s

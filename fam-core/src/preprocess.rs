@@ -24,10 +24,18 @@ pub fn load_rgb8(path: &Path) -> Result<Rgb8> {
     let mut reader = image::ImageReader::new(std::io::BufReader::new(file))
         .with_guessed_format()
         .map_err(|e| FamError::io(path, e))?;
-    if reader.format().is_none() {
-        return Err(image_err(
-            "unknown or unsupported format (fam reads PNG and JPEG)".into(),
-        ));
+    match reader.format() {
+        Some(image::ImageFormat::Png | image::ImageFormat::Jpeg) => {}
+        Some(other) => {
+            return Err(image_err(format!(
+                "{other:?} files are not supported (fam reads PNG and JPEG)"
+            )))
+        }
+        None => {
+            return Err(image_err(
+                "unknown or unsupported format (fam reads PNG and JPEG)".into(),
+            ))
+        }
     }
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);

@@ -38,6 +38,21 @@ pub struct Failure {
     pub error: String,
 }
 
+impl Failure {
+    /// The task item this failure belongs to (`pair N`, or `query PATH`), if it is one; a
+    /// gallery, support or bank image, or a renderer, is not an item of the run.
+    pub fn item_key(&self) -> Option<&str> {
+        if let Some(rest) = self.item.strip_prefix("pair ") {
+            let n = rest.split(' ').next().unwrap_or(rest);
+            return Some(&self.item[..5 + n.len()]);
+        }
+        if self.item.starts_with("query ") {
+            return Some(self.item.split(" hit ").next().unwrap_or(&self.item));
+        }
+        None
+    }
+}
+
 /// What a run did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunReport {
@@ -434,8 +449,9 @@ pub fn run_with_session(
 
     let items_failed = failures
         .iter()
-        .filter(|f| !f.item.starts_with("renderer "))
-        .count();
+        .filter_map(Failure::item_key)
+        .collect::<std::collections::HashSet<_>>()
+        .len();
     let report = RunReport {
         output: output.to_path_buf(),
         items_total,
@@ -692,5 +708,27 @@ impl UniqueIds {
         } else {
             format!("{stem}-{n}")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Failure;
+
+    #[test]
+    fn only_pairs_and_queries_are_items() {
+        let f = |item: &str| Failure {
+            item: item.into(),
+            error: String::new(),
+        };
+        assert_eq!(f("pair 3 (a.png vs b.png)").item_key(), Some("pair 3"));
+        assert_eq!(f("query q/cat.png").item_key(), Some("query q/cat.png"));
+        assert_eq!(
+            f("query q/cat.png hit g/dog.png").item_key(),
+            Some("query q/cat.png")
+        );
+        assert_eq!(f("gallery g/broken.png").item_key(), None);
+        assert_eq!(f("support image s/1/x.png").item_key(), None);
+        assert_eq!(f("renderer panel").item_key(), None);
     }
 }

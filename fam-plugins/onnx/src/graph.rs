@@ -55,8 +55,12 @@ impl Graph {
                 format!("{} bytes is larger than an ONNX model can be", meta.len()),
             ));
         }
-        let model = candle_onnx::read_file(path)
-            .map_err(|e| err(path, format!("not a readable ONNX model: {e}")))?;
+        let model = candle_onnx::read_file(path).map_err(|e| {
+            // candle appends a backtrace when RUST_BACKTRACE is set: keep the message.
+            let msg = e.to_string();
+            let msg = msg.lines().next().unwrap_or_default().to_string();
+            err(path, format!("not a readable ONNX model: {msg}"))
+        })?;
         let graph = model
             .graph
             .ok_or_else(|| err(path, "the model has no graph"))?;

@@ -22,7 +22,8 @@ const INK: [u8; 3] = [20, 20, 20];
 const GRID: [u8; 3] = [225, 225, 225];
 
 /// Two plots side by side (deletion, insertion): the mean normalized score `s_k / s` over the
-/// fraction of pixels removed or revealed, one line per method, with the AUCs in the legend.
+/// fraction of pixels removed or revealed (items with `s > 0`), one line per method, with the
+/// AUCs in the legend.
 pub fn plot(report: &EvalReport) -> Result<Vec<u8>> {
     let (pw, ph) = (420u32, 300u32);
     let (left, top, gap) = (56u32, 52u32, 70u32);
@@ -132,8 +133,12 @@ pub fn plot(report: &EvalReport) -> Result<Vec<u8>> {
             left + 24,
             y,
             &format!(
-                "{:<19} {:>9.3} {:>10.3}   ({} items)",
-                m.method, m.deletion_auc, m.insertion_auc, m.items
+                "{:<19} {:>9.3} {:>10.3}   ({} of {} items: s > 0)",
+                m.method,
+                m.deletion_auc,
+                m.insertion_auc,
+                m.items - m.skipped,
+                m.items
             ),
             1,
             INK,

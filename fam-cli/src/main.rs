@@ -1,7 +1,8 @@
 //! `fam-cli`: run, validate and inspect FAM pipelines. A thin layer over `fam-core`.
 //!
 //! Exit codes: 0 everything succeeded; 1 the run finished but some items failed;
-//! 2 the pipeline could not run (bad file, missing plugin, model error).
+//! 2 the pipeline could not run (bad file, missing plugin, model error); 130 interrupted
+//! (Ctrl-C), with only complete files left behind.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -142,11 +143,24 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
+    // Ctrl-C: stop at the next safe point (between batches, before the next file), so the
+    // output folder holds only complete files. A second Ctrl-C exits at once.
+    let presses = std::sync::atomic::AtomicUsize::new(0);
+    let _ = ctrlc::set_handler(move || {
+        if presses.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+            std::process::exit(130);
+        }
+        eprintln!("interrupted: stopping after the current step (Ctrl-C again to quit now)");
+        fam_core::run::request_interrupt();
+    });
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            let interrupted = e
+                .downcast_ref::<FamError>()
+                .is_some_and(|f| matches!(f, FamError::Interrupted));
+            ExitCode::from(if interrupted { 130 } else { 2 })
         }
     }
 }

@@ -96,14 +96,16 @@ pub enum FamError {
         source: candle_core::Error,
     },
 
+    #[error(
+        "interrupted: every file written so far is complete (no partial files); rerun to finish"
+    )]
+    Interrupted,
+
     #[error("{0}")]
     Invalid(String),
 
     #[error("device `{0}` is not available: {1}")]
     Device(String, String),
-
-    #[error("interrupted")]
-    Interrupted,
 }
 
 impl FamError {

@@ -58,6 +58,8 @@ impl OutputDir {
 
 impl OutputSink for OutputDir {
     fn write(&mut self, rel_path: &str, bytes: &[u8]) -> Result<()> {
+        // Stop before a new file, never in the middle of one.
+        crate::run::check_interrupt()?;
         let rel = checked_relative(rel_path)?;
         let path = self.root.join(rel);
         write_atomic(&path, bytes)?;

@@ -16,12 +16,17 @@ pub const MAX_DECODE_BYTES: u64 = 512 << 20;
 
 /// Decodes an image file to 8-bit RGB: grayscale is replicated, alpha dropped, 16-bit scaled.
 pub fn load_rgb8(path: &Path) -> Result<Rgb8> {
+    let bytes = std::fs::read(path).map_err(|e| FamError::io(path, e))?;
+    decode_rgb8(&bytes, path)
+}
+
+/// Decodes image bytes (PNG or JPEG, within the decode limits); `path` names them in errors.
+pub fn decode_rgb8(bytes: &[u8], path: &Path) -> Result<Rgb8> {
     let image_err = |message: String| FamError::Image {
         path: path.to_path_buf(),
         message,
     };
-    let file = std::fs::File::open(path).map_err(|e| FamError::io(path, e))?;
-    let mut reader = image::ImageReader::new(std::io::BufReader::new(file))
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| FamError::io(path, e))?;
     match reader.format() {

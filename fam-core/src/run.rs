@@ -74,6 +74,23 @@ pub struct Counts {
     pub cache_hits: usize,
 }
 
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks the run to stop at the next safe point (between batches, before a file is written).
+/// `fam-cli` calls this from its Ctrl-C handler.
+pub fn request_interrupt() {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// `Err(FamError::Interrupted)` once an interrupt was requested.
+pub fn check_interrupt() -> Result<()> {
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        Err(FamError::Interrupted)
+    } else {
+        Ok(())
+    }
+}
+
 /// Wall time of each stage, in milliseconds.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Timings {
@@ -197,6 +214,7 @@ pub fn embed_images(
     let mut maps = Vec::new();
     let mut embeddings = Vec::with_capacity(views.len());
     for chunk in views.chunks(batch_size.max(1)) {
+        check_interrupt()?;
         let items: Vec<&Prepared> = chunk.iter().collect();
         let batch = preprocess::batch_tensor(&items, &device)?;
         let f = backbone.forward(&batch)?;
@@ -437,6 +455,9 @@ pub fn run_with_session(
         let name = r.name();
         out.set_writer(&name);
         if let Err(e) = r.render(&explanation, &mut out) {
+            if matches!(e, FamError::Interrupted) {
+                return Err(e);
+            }
             tracing::error!(renderer = %name, error = %e, "renderer failed");
             failures.push(Failure {
                 item: format!("renderer {name}"),

@@ -19,21 +19,58 @@ const LEGACY_MAGIC: u128 = 0x1950a86a20f9469cfc6c;
 /// Reads every tensor of a weights file, detecting its format from its first bytes.
 pub fn load_state_dict(path: &Path) -> Result<StateDict> {
     let data = std::fs::read(path).map_err(|e| FamError::io(path, e))?;
+    state_dict_from_bytes(&data, path)
+}
+
+/// Reads a state dict from a checkpoint's bytes; `path` names them in errors.
+pub fn state_dict_from_bytes(data: &[u8], path: &Path) -> Result<StateDict> {
     let werr = |m: String| FamError::weights(path, m);
-    if data.starts_with(b"PK\x03\x04") {
-        load_zip(&data).map_err(|e| werr(strip(e)))
+    let sd = if data.starts_with(b"PK\x03\x04") {
+        load_zip(data).map_err(|e| werr(strip(e)))?
     } else if data.len() >= 2 && data[0] == 0x80 {
-        load_legacy(&data).map_err(|e| werr(strip(e)))
+        load_legacy(data).map_err(|e| werr(strip(e)))?
     } else if data.len() >= 9 && data[8] == b'{' {
-        let tensors = candle_core::safetensors::load_buffer(&data, &Device::Cpu)
-            .map_err(|e| werr(format!("invalid safetensors file: {e}")))?;
-        Ok(tensors)
+        candle_core::safetensors::load_buffer(data, &Device::Cpu).map_err(|e| {
+            // candle appends a backtrace when RUST_BACKTRACE is set: keep the message.
+            let msg = e.to_string();
+            werr(format!(
+                "invalid safetensors file: {}",
+                msg.lines().next().unwrap_or_default()
+            ))
+        })?
     } else {
-        Err(werr(
+        return Err(werr(
             "unrecognised format (expected safetensors, a PyTorch zip checkpoint or a legacy PyTorch pickle)"
                 .into(),
-        ))
+        ));
+    };
+    check_finite(&sd).map_err(werr)?;
+    Ok(sd)
+}
+
+/// Refuses float tensors holding NaN or infinity (a corrupt or diverged checkpoint), naming
+/// the first such tensor.
+fn check_finite(sd: &StateDict) -> std::result::Result<(), String> {
+    let mut names: Vec<&String> = sd.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &sd[name];
+        if !t.dtype().is_float() {
+            continue;
+        }
+        let values: Vec<f32> = t
+            .to_dtype(candle_core::DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .map_err(|e| format!("tensor `{name}`: {e}"))?;
+        let bad = values.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            return Err(format!(
+                "tensor `{name}` has {bad} non-finite value(s) (NaN or infinity); the checkpoint is corrupt or the training diverged"
+            ));
+        }
     }
+    Ok(())
 }
 
 fn strip(e: FamError) -> String {
@@ -200,15 +237,28 @@ fn to_tensor(name: &str, t: &TensorRef, bytes: &[u8]) -> Result<Tensor> {
             ok
         })
     };
-    if contiguous {
+    // Every read is checked again (an empty view may have any offset; a fuzzer found one).
+    let slice = |start: usize, len: usize| {
+        start
+            .checked_add(len)
+            .and_then(|end| bytes.get(start..end))
+            .ok_or_else(|| {
+                err(format!(
+                    "view (offset {}, shape {:?}, stride {:?}) reaches past its storage of {available} elements",
+                    t.offset, t.shape, t.stride
+                ))
+            })
+    };
+    if numel == 0 {
+    } else if contiguous {
         let start = t.offset as usize * elem;
-        raw.extend_from_slice(&bytes[start..start + numel as usize * elem]);
+        raw.extend_from_slice(slice(start, numel as usize * elem)?);
     } else {
         let mut idx = vec![0usize; t.shape.len()];
         for _ in 0..numel {
             let off =
                 t.offset as usize + idx.iter().zip(&t.stride).map(|(i, s)| i * s).sum::<usize>();
-            raw.extend_from_slice(&bytes[off * elem..(off + 1) * elem]);
+            raw.extend_from_slice(slice(off * elem, elem)?);
             for d in (0..idx.len()).rev() {
                 idx[d] += 1;
                 if idx[d] < t.shape[d] {

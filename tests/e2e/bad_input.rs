@@ -196,7 +196,14 @@ fn broken_models_layers_and_outputs_stop_the_run_with_the_reason() {
     let dir = scratch("bad-models");
     let good = root().join("models/mobilenet_v2.safetensors");
     let bytes = std::fs::read(&good).unwrap();
+    // The same weights with one value set to NaN, in the middle of the data section (inside
+    // a large convolution kernel; the first bytes may belong to an integer counter).
+    let mut nan = bytes.clone();
+    let header = u64::from_le_bytes(nan[..8].try_into().unwrap()) as usize;
+    let at = 8 + header + ((bytes.len() - 8 - header) / 2) / 8 * 8;
+    nan[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
     let files = [
+        ("nan.safetensors", nan),
         ("truncated.safetensors", bytes[..100_000].to_vec()),
         ("garbage.safetensors", b"garbage\n".to_vec()),
         ("empty.pth", Vec::new()),
@@ -209,6 +216,7 @@ fn broken_models_layers_and_outputs_stop_the_run_with_the_reason() {
             (p, "features.18", "")
         })
         .zip([
+            "non-finite value(s) (NaN or infinity); the checkpoint is corrupt",
             "weights: invalid safetensors file",
             "weights: unrecognised format (expected safetensors, a PyTorch zip checkpoint or a legacy PyTorch pickle)",
             "weights: unrecognised format",

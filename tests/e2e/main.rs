@@ -5,6 +5,7 @@ mod bad_input;
 mod bench;
 mod eval;
 mod fewshot;
+mod interrupt;
 mod pair;
 mod plugins;
 mod retrieval;

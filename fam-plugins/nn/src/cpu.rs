@@ -46,29 +46,24 @@ fn activate(v: &mut [f32], act: Act) {
     }
 }
 
-/// `dst[m, n] = bias[m] + Σ_k lhs[m, k] · rhs[k, n]` (all row-major), then the activation.
-#[allow(clippy::too_many_arguments)]
-fn matmul_bias_act(
+/// `dst += lhs · rhs` for row-major `m × k` and `k × n` matrices, split over `threads`
+/// threads when the product is large enough to pay for it.
+fn gemm_accumulate(
     dst: &mut [f32],
     lhs: &[f32],
     rhs: &[f32],
-    bias: &[f32],
     (m, k, n): (usize, usize, usize),
-    act: Act,
     threads: usize,
 ) {
-    debug_assert!(dst.len() == m * n && lhs.len() == m * k && rhs.len() == k * n);
-    for (row, b) in dst.chunks_exact_mut(n).zip(bias) {
-        row.fill(*b);
-    }
-    let par = if threads > 1 && m * n * k > 1 << 20 {
+    assert!(dst.len() == m * n && lhs.len() == m * k && rhs.len() == k * n);
+    let par = if threads > 1 && m * n * k > 1 << 18 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the three buffers have exactly the sizes the strides describe (checked
-    // above), `dst` does not alias the inputs, and gemm reads `dst` (the bias) before
-    // writing it.
+    // SAFETY: the three buffers have exactly the sizes the strides describe (asserted
+    // above), `dst` does not alias the inputs (a `&mut` and two `&`), and gemm reads `dst`
+    // before writing it.
     unsafe {
         gemm::gemm(
             m,
@@ -92,6 +87,23 @@ fn matmul_bias_act(
             par,
         );
     }
+}
+
+/// `dst[m, n] = bias[m] + Σ_k lhs[m, k] · rhs[k, n]` (all row-major), then the activation.
+#[allow(clippy::too_many_arguments)]
+fn matmul_bias_act(
+    dst: &mut [f32],
+    lhs: &[f32],
+    rhs: &[f32],
+    bias: &[f32],
+    (m, k, n): (usize, usize, usize),
+    act: Act,
+    threads: usize,
+) {
+    for (row, b) in dst.chunks_exact_mut(n).zip(bias) {
+        row.fill(*b);
+    }
+    gemm_accumulate(dst, lhs, rhs, (m, k, n), threads);
     activate(dst, act);
 }
 
@@ -336,40 +348,11 @@ fn matmul_rows_bias_act(
     act: Act,
     threads: usize,
 ) {
-    assert!(dst.len() == m * n && lhs.len() == m * k && rhs.len() == k * n && bias.len() == n);
+    assert_eq!(bias.len(), n);
     for row in dst.chunks_exact_mut(n) {
         row.copy_from_slice(bias);
     }
-    let par = if threads > 1 && m * n * k > 1 << 18 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the buffers have exactly the sizes the strides describe (asserted above) and
-    // `dst` does not alias the inputs.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            1,
-            n as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
+    gemm_accumulate(dst, lhs, rhs, (m, k, n), threads);
     activate(dst, act);
 }
 

@@ -262,20 +262,8 @@ pub fn spatial_contributions(maps: &Tensor, spatial_weights: &Tensor) -> Result<
     Ok(maps.mul(&spatial_weights.to_dtype(maps.dtype())?)?)
 }
 
-/// FAM maps through an affine head: `M = ReLU(Σ_k C_k) / Σ|C|`, then upsampled. Returns
-/// `(raw [P, h, w], upsampled [P, H, W])`.
-pub fn fam_maps_spatial(
-    maps: &Tensor,
-    spatial_weights: &Tensor,
-    out_h: usize,
-    out_w: usize,
-) -> Result<(Tensor, Tensor)> {
-    let raw = fam_raw_spatial(maps, spatial_weights)?;
-    let up = upsample_bilinear(&raw.unsqueeze(1)?, out_h, out_w)?;
-    Ok((raw, up.squeeze(1)?))
-}
-
-/// The maps of [`fam_maps_spatial`] at feature resolution, `[P, h, w]`.
+/// FAM maps through an affine head, at feature resolution: `M = ReLU(Σ_k C_k) / Σ|C|`,
+/// `[P, h, w]` (upsampled per map by the caller).
 pub fn fam_raw_spatial(maps: &Tensor, spatial_weights: &Tensor) -> Result<Tensor> {
     let (p, _, h, w) = maps.dims4().ctx("feature maps must be [P, C, h, w]")?;
     if spatial_weights.dims() != maps.dims() {

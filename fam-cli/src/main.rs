@@ -54,6 +54,10 @@ enum Command {
         /// combines the parts.
         #[arg(long, value_parser = fam_core::pipeline::Shard::parse)]
         shard: Option<fam_core::pipeline::Shard>,
+        /// Continue an interrupted run: images whose forward pass the checkpoint in the
+        /// output folder holds are not run through the backbone again.
+        #[arg(long)]
+        resume: bool,
     },
     /// Combine the output folders of a sharded run (`run --shard K/N`) into one.
     Merge {
@@ -189,6 +193,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
             json,
             shard,
+            resume,
         } => {
             let p = LoadedPipeline::load(&pipeline)?;
             let mut dirs = cli.plugin_dirs.clone();
@@ -202,6 +207,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     device,
                     output,
                     shard,
+                    resume,
                 },
                 &progress,
             )?;
@@ -366,6 +372,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     device,
                     output: None,
                     shard: None,
+                    resume: false,
                 },
                 images: files,
                 count,
@@ -401,6 +408,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     device,
                     output,
                     shard: None,
+                    resume: false,
                 },
                 steps: steps.max(1),
                 max_items: max_items.max(1),

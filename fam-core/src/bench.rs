@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use crate::error::{FamError, Result};
 use crate::pipeline::{LoadedPipeline, PairSpec, TaskSection};
-use crate::run::{run_with_session, NoProgress, RunOptions, Session, Timings};
+use crate::run::{run_with_session, Checkpointing, NoProgress, RunOptions, Session, Timings};
 
 /// Options of `fam-cli bench`.
 #[derive(Debug, Clone)]
@@ -116,7 +116,15 @@ pub fn run_bench(
         let mut runs: Vec<(Timings, f64)> = Vec::new();
         for i in 0..=opts.repeat.max(1) {
             let t = Instant::now();
-            let report = run_with_session(&pb, &session, &out, &NoProgress, 0.0, None)?;
+            let report = run_with_session(
+                &pb,
+                &session,
+                &out,
+                &NoProgress,
+                0.0,
+                None,
+                Checkpointing::Off,
+            )?;
             let wall = t.elapsed().as_secs_f64() * 1e3;
             if report.items_ok != report.items_total {
                 return Err(FamError::invalid(format!(

@@ -97,7 +97,7 @@ pub enum FamError {
     },
 
     #[error(
-        "interrupted: every file written so far is complete (no partial files); rerun to finish"
+        "interrupted: every file written so far is complete (no partial files); run again with `--resume` to skip the images already through the backbone"
     )]
     Interrupted,
 

@@ -554,6 +554,7 @@ pub fn run_eval(
             counts: &mut counts,
             failures: &mut failures,
             shard: None,
+            checkpoint: None,
         };
         let e = crate::run::run_task(&mut ctx, &mut out, &output)?.0;
         explanations.insert(name.to_string(), e);

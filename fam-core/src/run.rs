@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
+use crate::cache::FeatureCache;
 use crate::error::{CandleContext, FamError, Result};
 use crate::explain::{
     channel_weights, contrast_raw, embedding_weights, fam_raw, fam_raw_spatial,
@@ -72,6 +73,9 @@ pub struct Counts {
     pub images_forwarded: usize,
     /// Gallery embeddings and feature maps read from the cache instead.
     pub cache_hits: usize,
+    /// Images whose embedding and feature maps came from the checkpoint of an interrupted
+    /// run (`--resume`) instead of the backbone.
+    pub resumed: usize,
 }
 
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -109,7 +113,29 @@ pub struct RunOptions {
     pub output: Option<PathBuf>,
     /// Run only this part of the items (`--shard K/N`).
     pub shard: Option<crate::pipeline::Shard>,
+    /// Reuse the forward passes an interrupted run left in the output folder's checkpoint
+    /// (`--resume`).
+    pub resume: bool,
 }
+
+/// The forward-pass checkpoint of a run: `<output>/.fam-checkpoint/`.
+///
+/// Each batch's embeddings and feature maps are saved there as it completes (keyed by the
+/// model and each image's content, like the gallery cache). A run that finishes deletes it;
+/// an interrupted one leaves it, and `--resume` reads it back instead of running the
+/// backbone again. A run without `--resume` starts with an empty checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpointing {
+    /// No checkpoint (benchmarks, evaluation).
+    Off,
+    /// Start a new checkpoint, dropping one left by an earlier run.
+    Fresh,
+    /// Reuse what an interrupted run saved.
+    Resume,
+}
+
+/// The checkpoint folder inside an output folder.
+pub const CHECKPOINT_DIR: &str = ".fam-checkpoint";
 
 /// The objects a pipeline needs, created from its plugins. Creating them loads the model.
 pub struct Session {
@@ -187,6 +213,7 @@ pub fn embed_images(
     progress: &dyn Progress,
     timings: &mut Timings,
     counts: &mut Counts,
+    checkpoint: Option<&FeatureCache>,
 ) -> Result<Embedded> {
     let t0 = Instant::now();
     let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
@@ -195,11 +222,18 @@ pub fn embed_images(
 
     let mut slot = Vec::with_capacity(paths.len());
     let mut views = Vec::new();
+    let mut keys = Vec::new();
     for (path, r) in paths.iter().zip(prepared) {
         match r {
             Ok(p) => {
                 slot.push(Ok(views.len()));
                 views.push(p);
+                // The checkpoint key: the image's content (the model is in the folder name).
+                keys.push(
+                    checkpoint
+                        .and_then(|_| std::fs::read(path).ok())
+                        .map(|b| crate::cache::sha256_hex(&b)),
+                );
             }
             Err(e) => {
                 tracing::warn!(image = %path.display(), error = %e, "skipping image");
@@ -209,13 +243,42 @@ pub fn embed_images(
     }
 
     let t1 = Instant::now();
-    progress.stage("forward", views.len() as u64);
     let device = backbone.device();
+    // What an interrupted run already computed.
+    let mut restored: Vec<Option<(Vec<f32>, Option<Tensor>)>> = vec![None; views.len()];
+    if let Some(c) = checkpoint {
+        for (r, key) in restored.iter_mut().zip(&keys) {
+            let Some(key) = key else { continue };
+            let Some(e) = c.embedding(key) else { continue };
+            if !keep_maps {
+                *r = Some((e, None));
+                continue;
+            }
+            if let Some((shape, data)) = c.maps(key) {
+                let t = Tensor::from_vec(data, (1, shape[0], shape[1], shape[2]), &device)?;
+                *r = Some((e, Some(t)));
+            }
+        }
+    }
+    let todo: Vec<usize> = (0..views.len())
+        .filter(|&i| restored[i].is_none())
+        .collect();
+    counts.resumed += views.len() - todo.len();
+    if todo.len() < views.len() {
+        tracing::info!(
+            images = views.len(),
+            restored = views.len() - todo.len(),
+            "resuming from the checkpoint"
+        );
+    }
+
+    progress.stage("forward", todo.len() as u64);
     let mut maps = Vec::new();
     let mut embeddings = Vec::with_capacity(views.len());
-    for chunk in views.chunks(batch_size.max(1)) {
+    let mut batch_shapes: Option<(Vec<usize>, usize)> = None;
+    for chunk in todo.chunks(batch_size.max(1)) {
         check_interrupt()?;
-        let items: Vec<&Prepared> = chunk.iter().collect();
+        let items: Vec<&Prepared> = chunk.iter().map(|&i| &views[i]).collect();
         let batch = preprocess::batch_tensor(&items, &device)?;
         let f = backbone.forward(&batch)?;
         let (b, _, _, _) = f
@@ -236,12 +299,32 @@ pub fn embed_images(
                 chunk.len()
             )));
         }
-        embeddings.extend(
-            f.embeddings
-                .to_dtype(candle_core::DType::F32)?
-                .to_vec2::<f32>()
-                .ctx("copy embeddings to host")?,
-        );
+        // Every batch must have the same shapes, or maps and embeddings of different images
+        // could not be combined.
+        let shapes = (f.maps.dims()[1..].to_vec(), f.embeddings.dims()[1]);
+        match &batch_shapes {
+            None => batch_shapes = Some(shapes),
+            Some(first) if *first != shapes => {
+                return Err(FamError::invalid(format!(
+                    "backbone `{}` returned feature maps {:?} with {}-d embeddings for one batch but {:?} with {}-d embeddings for another; every image must get the same shapes",
+                    backbone.describe(),
+                    first.0,
+                    first.1,
+                    shapes.0,
+                    shapes.1
+                )))
+            }
+            Some(_) => {}
+        }
+        let batch_emb = f
+            .embeddings
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2::<f32>()
+            .ctx("copy embeddings to host")?;
+        if let Some(c) = checkpoint {
+            save_checkpoint(c, chunk, &keys, &batch_emb, keep_maps.then_some(&f.maps))?;
+        }
+        embeddings.extend(batch_emb);
         if keep_maps {
             maps.push(f.maps);
         }
@@ -249,6 +332,33 @@ pub fn embed_images(
         progress.advance(chunk.len() as u64);
     }
     progress.finish_stage();
+    // Put restored images back in their places.
+    if todo.len() < views.len() {
+        let computed = if maps.is_empty() {
+            None
+        } else {
+            Some(Tensor::cat(&maps, 0).ctx("concatenate feature maps")?)
+        };
+        let mut fresh = embeddings.into_iter();
+        let mut next_fresh = 0;
+        embeddings = Vec::with_capacity(views.len());
+        maps = Vec::new();
+        for r in restored {
+            match r {
+                Some((e, m)) => {
+                    embeddings.push(e);
+                    maps.extend(m);
+                }
+                None => {
+                    embeddings.push(fresh.next().expect("one embedding per computed image"));
+                    if let Some(c) = &computed {
+                        maps.push(c.narrow(0, next_fresh, 1)?);
+                    }
+                    next_fresh += 1;
+                }
+            }
+        }
+    }
     let maps = if maps.is_empty() {
         None
     } else {
@@ -261,6 +371,28 @@ pub fn embed_images(
         maps,
         embeddings,
     })
+}
+
+/// Saves one batch's embeddings (and feature maps) to the checkpoint.
+fn save_checkpoint(
+    c: &FeatureCache,
+    chunk: &[usize],
+    keys: &[Option<String>],
+    embeddings: &[Vec<f32>],
+    maps: Option<&Tensor>,
+) -> Result<()> {
+    for (j, &i) in chunk.iter().enumerate() {
+        let Some(key) = &keys[i] else { continue };
+        if let Some(m) = maps {
+            let m = m.get(j)?.to_dtype(candle_core::DType::F32)?;
+            let shape = m.dims().to_vec();
+            let data = m.flatten_all()?.to_vec1::<f32>()?;
+            c.put_maps(key, &shape, &data)?;
+        }
+        // The embedding last: an entry counts once its embedding is there.
+        c.put_embedding(key, &embeddings[j])?;
+    }
+    Ok(())
 }
 
 pub(crate) fn ms(t: Instant) -> f64 {
@@ -418,7 +550,20 @@ pub fn run_pipeline(
     let session = Session::open(p, host, opts)?;
     let load_models = ms(start);
     tracing::info!(backbone = %session.backbone.describe(), similarity = %session.similarity.name(), device = ?session.device, "models loaded");
-    run_with_session(p, &session, &output, progress, load_models, opts.shard)
+    let checkpointing = if opts.resume {
+        Checkpointing::Resume
+    } else {
+        Checkpointing::Fresh
+    };
+    run_with_session(
+        p,
+        &session,
+        &output,
+        progress,
+        load_models,
+        opts.shard,
+        checkpointing,
+    )
 }
 
 /// Runs the pipeline's task and renderers with models already loaded (which took
@@ -430,6 +575,7 @@ pub fn run_with_session(
     progress: &dyn Progress,
     load_models: f64,
     shard: Option<crate::pipeline::Shard>,
+    checkpointing: Checkpointing,
 ) -> Result<RunReport> {
     let start = Instant::now();
     let mut timings = Timings {
@@ -437,6 +583,22 @@ pub fn run_with_session(
         ..Default::default()
     };
     let mut out = OutputDir::create(output)?;
+    let checkpoint_root = output.join(CHECKPOINT_DIR);
+    if checkpointing == Checkpointing::Fresh && checkpoint_root.exists() {
+        std::fs::remove_dir_all(&checkpoint_root).map_err(|e| FamError::io(&checkpoint_root, e))?;
+    }
+    if checkpointing == Checkpointing::Resume && !checkpoint_root.exists() {
+        tracing::warn!(output = %output.display(), "--resume: no checkpoint in the output folder; running everything");
+    }
+    let checkpoint = match checkpointing {
+        Checkpointing::Off => None,
+        _ => Some(FeatureCache::open(
+            &checkpoint_root,
+            p.backbone_config().weights.as_deref(),
+            &session.backbone.describe(),
+            &session.spec,
+        )?),
+    };
     let mut failures = Vec::new();
     let mut counts = Counts::default();
     let mut ctx = TaskContext {
@@ -447,6 +609,7 @@ pub fn run_with_session(
         counts: &mut counts,
         failures: &mut failures,
         shard,
+        checkpoint: checkpoint.as_ref(),
     };
     let (explanation, items_total) = run_task(&mut ctx, &mut out, output)?;
 
@@ -483,6 +646,12 @@ pub fn run_with_session(
         timings_ms: timings,
     };
     write_manifest(&mut out, p, session, &explanation, &report, shard)?;
+    // Every file is complete: the checkpoint is not needed any more.
+    if checkpoint.is_some() {
+        if let Err(e) = std::fs::remove_dir_all(&checkpoint_root) {
+            tracing::warn!(folder = %checkpoint_root.display(), error = %e, "could not remove the checkpoint");
+        }
+    }
     Ok(report)
 }
 
@@ -549,6 +718,8 @@ pub(crate) struct TaskContext<'a> {
     pub failures: &'a mut Vec<Failure>,
     /// The part of the items to run (`--shard`), or all.
     pub shard: Option<crate::pipeline::Shard>,
+    /// Where forward passes are saved and, on `--resume`, read back.
+    pub checkpoint: Option<&'a FeatureCache>,
 }
 
 impl TaskContext<'_> {
@@ -606,6 +777,7 @@ impl TaskContext<'_> {
             self.progress,
             self.timings,
             self.counts,
+            self.checkpoint,
         )
     }
 }

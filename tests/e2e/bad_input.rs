@@ -287,3 +287,141 @@ fn a_truncated_onnx_model_is_reported_cleanly() {
         r.stderr
     );
 }
+
+/// A pair pipeline with a backbone of the `test_panicky` plugin.
+fn toy_pipeline(dir: &Path, kind: &str, batch_size: usize, pairs: &[(&Path, &Path)]) -> PathBuf {
+    let pairs: String = pairs
+        .iter()
+        .map(|(a, b)| {
+            format!(
+                "  {{ a = {:?}, b = {:?} }},\n",
+                a.display().to_string(),
+                b.display().to_string()
+            )
+        })
+        .collect();
+    let text = format!(
+        r#"[run]
+output = "out"
+batch_size = {batch_size}
+[backbone]
+plugin = "test_panicky"
+kind = "{kind}"
+[similarity]
+plugin = "metrics"
+kind = "cosine"
+[task]
+kind = "pair"
+pairs = [
+{pairs}]
+[[render]]
+plugin = "render"
+kind = "scores"
+"#
+    );
+    let path = dir.join("pipeline.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A black image has a zero-norm embedding under a ReLU backbone: cosine is undefined for
+/// it, so its pair fails with the reason and the other pair is explained (exit 1).
+#[test]
+fn a_zero_norm_embedding_fails_its_pair_only() {
+    let dir = scratch("zero-norm");
+    let black = dir.join("black.png");
+    png(&black, image::DynamicImage::new_rgb8(256, 256));
+    let (chelsea, coffee) = (image("chelsea.png"), image("coffee.png"));
+    let p = toy_pipeline(
+        &dir,
+        "pooled_pixels",
+        4,
+        &[(&black, &chelsea), (&chelsea, &coffee)],
+    );
+    let r = run(fam().args(["-q", "run"]).arg(&p));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let expected = "cosine similarity is undefined for a zero-norm embedding (norms 0 and";
+    assert!(r.stderr.contains(expected), "{}", r.stderr);
+    let manifest = json(&dir.join("out/manifest.json"));
+    assert_eq!(manifest["items"]["ok"], 1, "{manifest}");
+    let failure = &manifest["failures"][0];
+    assert!(
+        failure["item"].as_str().unwrap().starts_with("pair 1 ("),
+        "{failure}"
+    );
+    assert!(
+        failure["error"].as_str().unwrap().contains(expected),
+        "{failure}"
+    );
+    let scores = json(&dir.join("out/scores.json"));
+    assert_eq!(
+        scores["comparisons"].as_array().unwrap().len(),
+        1,
+        "{scores}"
+    );
+}
+
+/// A backbone whose embeddings change size between batches: the run stops (exit 2) naming
+/// the backbone and both shapes, rather than comparing embeddings of different sizes.
+#[test]
+fn embeddings_of_different_sizes_stop_the_run() {
+    let dir = scratch("ragged");
+    let (chelsea, coffee) = (image("chelsea.png"), image("coffee.png"));
+    let p = toy_pipeline(&dir, "ragged", 1, &[(&chelsea, &coffee)]);
+    let r = run(fam().args(["-q", "run"]).arg(&p));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let expected = "backbone `pooled_pixels(ragged=true)` returned feature maps [3, 7, 7] with 3-d embeddings for one batch but [6, 7, 7] with 6-d embeddings for another; every image must get the same shapes";
+    assert!(r.stderr.contains(expected), "{}", r.stderr);
+    assert!(!dir.join("out/manifest.json").exists());
+}
+
+/// A shared library named like a plugin but exporting no plugin declaration: listed with
+/// the reason by `fam-cli plugins`, and a pipeline using it cannot run (exit 2).
+#[test]
+fn a_library_without_the_plugin_symbol_is_refused() {
+    let dir = scratch("no-symbol");
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    // Any real shared library that is not a fam plugin: the C maths library.
+    let libm = [
+        "/lib/x86_64-linux-gnu/libm.so.6",
+        "/usr/lib/x86_64-linux-gnu/libm.so.6",
+        "/lib64/libm.so.6",
+        "/usr/lib64/libm.so.6",
+        "/lib/aarch64-linux-gnu/libm.so.6",
+    ]
+    .into_iter()
+    .map(Path::new)
+    .find(|p| p.is_file())
+    .expect("libm.so.6 on this system");
+    let fake = plugins.join("libfam_plugin_nosymbol.so");
+    std::fs::copy(libm, &fake).unwrap();
+    let r = run(fam().arg("--plugin-dir").arg(&plugins).arg("plugins"));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.contains("libfam_plugin_nosymbol.so"))
+        .unwrap_or_else(|| panic!("not listed:\n{}", r.stdout));
+    let expected = "not a fam plugin: it exports no FAM_PLUGIN_DECLARATION symbol (use fam_core::export_plugin!)";
+    assert!(line.contains(expected), "{line}");
+
+    let (chelsea, coffee) = (image("chelsea.png"), image("coffee.png"));
+    let p = toy_pipeline(&dir, "pooled_pixels", 1, &[(&chelsea, &coffee)]);
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("plugin = \"metrics\"", "plugin = \"nosymbol\"");
+    std::fs::write(&p, text).unwrap();
+    let r = run(fam()
+        .arg("--plugin-dir")
+        .arg(&plugins)
+        .args(["-q", "run"])
+        .arg(&p));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("libfam_plugin_nosymbol.so"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains(expected), "{}", r.stderr);
+}

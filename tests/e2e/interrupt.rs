@@ -92,4 +92,60 @@ fn ctrl_c_leaves_only_complete_files() {
         .count();
     assert!((1..240).contains(&overlays), "{overlays} overlays");
     assert!(!out.join("manifest.json").exists());
+    // The forward passes are all done by the time files are written: they are in the
+    // checkpoint, and `--resume` finishes the run without running the backbone again
+    // for them.
+    let checkpoint = out.join(".fam-checkpoint");
+    let mut saved = Vec::new();
+    all_files(&checkpoint, &mut saved);
+    saved.retain(|f| f.to_string_lossy().ends_with(".emb.npy"));
+    saved.sort();
+    // The 240 files are copies of 3 images: one entry each (keyed by content).
+    assert_eq!(saved.len(), 3, "{saved:?}");
+    // Drop one entry, so that the resumed run mixes restored and recomputed images.
+    std::fs::remove_file(&saved[0]).unwrap();
+    let r = run(fam()
+        .args(["-q", "run", "--json", "--resume"])
+        .arg(&p)
+        .arg("--output")
+        .arg(&out));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(report["items_ok"], 120, "{report}");
+    assert_eq!(report["counts"]["resumed"], 160, "{report}");
+    assert_eq!(report["counts"]["images_forwarded"], 80, "{report}");
+    assert!(
+        !out.join(".fam-checkpoint").exists(),
+        "checkpoint left after a complete run"
+    );
+    let manifest = json(&out.join("manifest.json"));
+    assert_eq!(manifest["items"]["ok"], 120);
+    // Maps from the checkpoint equal those of a run from scratch (checked on 4 pairs).
+    let few = write_pipeline(
+        &dir,
+        "plugin = \"metrics\"\nkind = \"cosine\"",
+        "contribution",
+        &pairs[..4],
+        &["npy"],
+    );
+    let fresh = dir.join("fresh");
+    let r = run(fam()
+        .args(["-q", "run"])
+        .arg(&few)
+        .arg("--output")
+        .arg(&fresh));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let mut compared = 0;
+    for e in std::fs::read_dir(fresh.join("maps")).unwrap() {
+        let f = e.unwrap().path();
+        let name = f.file_name().unwrap();
+        assert_eq!(
+            read_npy(&f),
+            read_npy(&out.join("maps").join(name)),
+            "{}",
+            f.display()
+        );
+        compared += 1;
+    }
+    assert_eq!(compared, 16, "two raw and two upsampled maps per pair");
 }

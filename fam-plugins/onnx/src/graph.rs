@@ -46,6 +46,9 @@ fn err(path: &Path, msg: impl Into<String>) -> FamError {
 /// Largest model file read (ONNX protobufs are limited to 2 GiB anyway).
 pub const MAX_MODEL_BYTES: u64 = 2 << 30;
 
+/// Largest input height or width accepted from a model's declared input shape.
+pub const MAX_INPUT_SIDE: i64 = 4096;
+
 impl Graph {
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let meta = std::fs::metadata(path).map_err(|e| FamError::io(path, e))?;
@@ -55,8 +58,16 @@ impl Graph {
                 format!("{} bytes is larger than an ONNX model can be", meta.len()),
             ));
         }
-        let model = candle_onnx::read_file(path).map_err(|e| {
-            // candle appends a backtrace when RUST_BACKTRACE is set: keep the message.
+        let bytes = std::fs::read(path).map_err(|e| FamError::io(path, e))?;
+        Self::from_bytes(&bytes, path, device)
+    }
+
+    /// Parses a model from its bytes (`path` names it in messages). Untrusted input: every
+    /// problem is an error, sizes are bounded (see [`MAX_INPUT_SIDE`]).
+    pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Self> {
+        use prost::Message;
+        let model = onnx::ModelProto::decode(bytes).map_err(|e| {
+            // Keep the first line only (no backtraces in user-facing messages).
             let msg = e.to_string();
             let msg = msg.lines().next().unwrap_or_default().to_string();
             err(path, format!("not a readable ONNX model: {msg}"))
@@ -206,7 +217,21 @@ impl Graph {
                 declared_batch: self.declared_batch,
                 constants: &self.constants,
             };
-            let outs = ops::eval(&ctx, &get).map_err(|e| match e {
+            // candle panics on some operator and dtype combinations (e.g. `sqrt` of an
+            // integer tensor): a hostile or odd model gets an error, not a crash.
+            let outs =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ops::eval(&ctx, &get)))
+                    .unwrap_or_else(|p| {
+                        let msg = p
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| p.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        Err(FamError::invalid(format!(
+                            "cannot be evaluated on its inputs ({msg})"
+                        )))
+                    });
+            let outs = outs.map_err(|e| match e {
                 FamError::Weights { .. } => e,
                 other => err(
                     &self.path,

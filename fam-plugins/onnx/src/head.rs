@@ -216,7 +216,10 @@ impl Head {
             };
             steps.push((step, in_shape));
             names.push(node.op_type.clone());
-            current = node.output[0].clone();
+            current = match node.output.first() {
+                Some(o) => o.clone(),
+                None => return Err(not_linear(node, "it has no output")),
+            };
         }
         let offset: Vec<f32> = value.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
         Ok(Self {

@@ -158,18 +158,30 @@ impl OnnxBackbone {
             .ok_or_else(|| FamError::invalid("onnx needs `weights`"))?;
         let t = std::time::Instant::now();
         let graph = Graph::load(path, device)?;
+        let me = Self::from_graph(graph, cfg, device)?;
+        tracing::info!(model = %path.display(), layer = %me.layer, nodes = me.plan.len(), ms = t.elapsed().as_millis() as u64, "onnx model loaded");
+        Ok(me)
+    }
+
+    /// The backbone over a parsed graph (`cfg.weights` is not read again).
+    pub fn from_graph(graph: Graph, cfg: &BackboneConfig, device: &Device) -> Result<Self> {
+        let path = graph.path.clone();
+        let path = path.as_path();
         // Without a layer (e.g. `fam-cli layers`), the first output stands in.
-        let layer = cfg
-            .layer
-            .clone()
-            .unwrap_or_else(|| graph.outputs[0].clone());
+        let layer = match cfg.layer.clone().or_else(|| graph.outputs.first().cloned()) {
+            Some(l) => l,
+            None => return Err(FamError::weights(path, "the graph declares no output")),
+        };
         let opt = |k: &str| {
             cfg.options
                 .get(k)
                 .and_then(|v| v.as_str())
                 .map(String::from)
         };
-        let input = opt("input").unwrap_or_else(|| graph.inputs[0].0.clone());
+        let input = match opt("input").or_else(|| graph.inputs.first().map(|i| i.0.clone())) {
+            Some(i) => i,
+            None => return Err(FamError::weights(path, "the graph has no input")),
+        };
         let declared = graph
             .inputs
             .iter()
@@ -182,7 +194,18 @@ impl OnnxBackbone {
                 a[1].as_integer().unwrap_or(224) as u32,
             ),
             None => match declared.as_slice() {
-                [_, _, h, w] if *h > 0 && *w > 0 => (*h as u32, *w as u32),
+                [_, _, h, w] if *h > 0 && *w > 0 => {
+                    if *h > graph::MAX_INPUT_SIDE || *w > graph::MAX_INPUT_SIDE {
+                        return Err(FamError::weights(
+                            path,
+                            format!(
+                                "input `{input}` declares {h}x{w} pixels; at most {} a side is supported (set options.size)",
+                                graph::MAX_INPUT_SIDE
+                            ),
+                        ));
+                    }
+                    (*h as u32, *w as u32)
+                }
                 _ => (224, 224),
             },
         };
@@ -193,7 +216,14 @@ impl OnnxBackbone {
             ));
         }
         let output = match opt("embedding").as_deref() {
-            Some("output") => Some(opt("output").unwrap_or_else(|| graph.outputs[0].clone())),
+            Some("output") => Some(match opt("output") {
+                Some(o) => o,
+                None => graph
+                    .outputs
+                    .first()
+                    .cloned()
+                    .ok_or_else(|| FamError::weights(path, "the graph declares no output"))?,
+            }),
             _ => None,
         };
         let mut targets = vec![layer.as_str()];
@@ -230,7 +260,6 @@ impl OnnxBackbone {
             tracing::info!(head = %head::describe(&head), "affine head after the feature layer");
             me.head = Some(head);
         }
-        tracing::info!(model = %path.display(), layer = %me.layer, nodes = me.plan.len(), ms = t.elapsed().as_millis() as u64, "onnx model loaded");
         Ok(me)
     }
 

@@ -103,11 +103,21 @@ pub fn eval(ctx: &Ctx, get: &dyn Fn(&str) -> Result<Tensor>) -> Result<Vec<Tenso
             let v = x(0)?;
             // opset < 11: attributes; opset >= 11: optional inputs.
             let lo = match opt(1)? {
-                Some(t) => Some(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?[0]),
+                Some(t) => t
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?
+                    .first()
+                    .copied(),
                 None => ctx.attr("min").map(|a| a.f),
             };
             let hi = match opt(2)? {
-                Some(t) => Some(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?[0]),
+                Some(t) => t
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?
+                    .first()
+                    .copied(),
                 None => ctx.attr("max").map(|a| a.f),
             };
             let v = match lo {
@@ -310,6 +320,36 @@ pub const SUPPORTED: &[&str] = &[
     "Unsqueeze",
 ];
 
+/// Largest padding, stride, dilation or pooling window taken from a model's attributes: a
+/// hostile file must not be able to ask for an enormous allocation.
+pub const MAX_ATTR: i64 = 1 << 12;
+/// Largest tensor an operator creates from attributes (elements; 1 GiB of f32).
+pub const MAX_ELEMENTS: usize = 1 << 28;
+
+/// Attribute values that must lie in `lo..=MAX_ATTR`.
+fn bounded(v: Vec<i64>, lo: i64, what: &str) -> Result<Vec<usize>> {
+    if v.iter().any(|x| !(lo..=MAX_ATTR).contains(x)) {
+        return Err(bad(format!(
+            "{what} {v:?}: values must lie between {lo} and {MAX_ATTR}"
+        )));
+    }
+    Ok(v.into_iter().map(|x| x as usize).collect())
+}
+
+/// Refuses a shape with more than [`MAX_ELEMENTS`] elements before it is allocated.
+fn check_elements(shape: &[usize], what: &str) -> Result<()> {
+    let n = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= MAX_ELEMENTS);
+    match n {
+        Some(_) => Ok(()),
+        None => Err(bad(format!(
+            "{what} would create a tensor of shape {shape:?}, more than {MAX_ELEMENTS} elements"
+        ))),
+    }
+}
+
 /// Begin/end padding of each spatial axis per `auto_pad` (or the explicit `pads`).
 fn spatial_pads(
     ctx: &Ctx,
@@ -322,15 +362,17 @@ fn spatial_pads(
     match ctx.string("auto_pad", "NOTSET").as_str() {
         "NOTSET" => {
             let pads = ctx.ints("pads").unwrap_or_else(|| vec![0; 2 * n]);
-            if pads.len() != 2 * n || pads.iter().any(|p| *p < 0) {
+            if pads.len() != 2 * n {
                 return Err(bad(format!("pads {pads:?} do not fit {n} spatial axes")));
             }
-            Ok((0..n)
-                .map(|i| (pads[i] as usize, pads[i + n] as usize))
-                .collect())
+            let pads = bounded(pads, 0, "pads")?;
+            Ok((0..n).map(|i| (pads[i], pads[i + n])).collect())
         }
         "VALID" => Ok(vec![(0, 0); n]),
-        mode @ ("SAME_UPPER" | "SAME_LOWER") => Ok((0..n)
+        mode @ ("SAME_UPPER" | "SAME_LOWER") => Ok((0..n
+            .min(kernel.len())
+            .min(strides.len())
+            .min(dilations.len()))
             .map(|i| {
                 let out = input[i].div_ceil(strides[i]);
                 let need = ((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1)
@@ -348,6 +390,13 @@ fn spatial_pads(
 }
 
 fn pad_spatial(v: &Tensor, pads: &[(usize, usize)], value: f32) -> Result<Tensor> {
+    let mut shape = v.dims().to_vec();
+    for (i, &(b, e)) in pads.iter().enumerate() {
+        if let Some(d) = shape.get_mut(2 + i) {
+            *d += b + e;
+        }
+    }
+    check_elements(&shape, "padding")?;
     let mut y = v.clone();
     for (i, &(b, e)) in pads.iter().enumerate() {
         let dim = 2 + i;
@@ -394,11 +443,20 @@ fn conv(ctx: &Ctx, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>
             w.dims()
         )));
     }
-    let to_us = |v: Option<Vec<i64>>| v.map(|v| v.iter().map(|&x| x as usize).collect::<Vec<_>>());
-    let strides = to_us(ctx.ints("strides")).unwrap_or(vec![1, 1]);
-    let dilations = to_us(ctx.ints("dilations")).unwrap_or(vec![1, 1]);
-    let pads = spatial_pads(ctx, &[h, wd], &[kh, kw], &strides, &dilations)?;
+    let strides = bounded(ctx.ints("strides").unwrap_or(vec![1, 1]), 1, "strides")?;
+    let dilations = bounded(ctx.ints("dilations").unwrap_or(vec![1, 1]), 1, "dilations")?;
     let (stride, dilation) = (two(&strides, "strides")?, two(&dilations, "dilations")?);
+    let (strides, dilations) = ([stride; 2], [dilation; 2]);
+    let pads = spatial_pads(ctx, &[h, wd], &[kh, kw], &strides, &dilations)?;
+    for (len, k, (b, e)) in [(h, kh, pads[0]), (wd, kw, pads[1])] {
+        if len + b + e < dilation * (k.max(1) - 1) + 1 {
+            return Err(bad(format!(
+                "kernel {:?} (dilation {dilation}) is larger than the padded input {:?}",
+                w.dims(),
+                x.dims()
+            )));
+        }
+    }
     let symmetric = pads[0].0 == pads[0].1 && pads[1].0 == pads[1].1 && pads[0].0 == pads[1].0;
     let (x, padding) = if symmetric {
         (x.clone(), pads[0].0)
@@ -436,18 +494,13 @@ fn pool_out(len: usize, k: usize, s: usize, pads: (usize, usize), ceil: bool) ->
 
 fn pool_setup(ctx: &Ctx, x: &Tensor) -> Result<PoolSetup> {
     let (_, _, h, w) = x.dims4()?;
-    let k: Vec<usize> = ctx
+    let k = ctx
         .ints("kernel_shape")
-        .ok_or_else(|| bad("kernel_shape missing"))?
-        .iter()
-        .map(|&v| v as usize)
-        .collect();
-    let s: Vec<usize> = ctx
-        .ints("strides")
-        .map(|v| v.iter().map(|&x| x as usize).collect())
-        .unwrap_or(vec![1, 1]);
-    let pads = spatial_pads(ctx, &[h, w], &k, &s, &[1, 1])?;
+        .ok_or_else(|| bad("kernel_shape missing"))?;
+    let k = bounded(k, 1, "kernel_shape")?;
+    let s = bounded(ctx.ints("strides").unwrap_or(vec![1, 1]), 1, "strides")?;
     let (k, s) = (two(&k, "kernel_shape")?, two(&s, "strides")?);
+    let pads = spatial_pads(ctx, &[h, w], &[k; 2], &[s; 2], &[1, 1])?;
     let ceil = ctx.int("ceil_mode", 0) != 0;
     let out = (
         pool_out(h, k, s, pads[0], ceil),
@@ -564,9 +617,14 @@ fn pad(ctx: &Ctx, v: &Tensor, pads: Option<Tensor>, value: Option<Tensor>) -> Re
             "pads {pads:?} do not fit rank {r} (negative pads are not supported)"
         )));
     }
+    let pads = bounded(pads, 0, "pads")?;
+    let out: Vec<usize> = (0..r)
+        .map(|d| v.dims()[d] + pads[d] + pads[d + r])
+        .collect();
+    check_elements(&out, "Pad")?;
     let mut y = v.clone();
     for d in 0..r {
-        let (b, e) = (pads[d] as usize, pads[d + r] as usize);
+        let (b, e) = (pads[d], pads[d + r]);
         if b == 0 && e == 0 {
             continue;
         }

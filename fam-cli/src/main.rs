@@ -8,8 +8,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
 
+mod scaffold;
+
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use fam_core::pipeline::LoadedPipeline;
 use fam_core::plugin::PluginHost;
 use fam_core::run::{Progress, RunOptions};
@@ -33,6 +35,19 @@ struct Cli {
     plugin_dirs: Vec<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Subcommand)]
+enum PluginsAction {
+    /// Write a new plugin crate (a similarity and a renderer to change) from fam's template:
+    /// `cargo build --release` in it gives a library `fam-cli --plugin-dir` loads.
+    New {
+        /// The plugin's name, as pipelines write it (`plugin = "NAME"`).
+        name: String,
+        /// The crate's folder (default: `fam-plugin-NAME`).
+        #[arg(long)]
+        path: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -74,11 +89,29 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
-    /// List the plugins found, their versions and the kinds they provide.
+    /// List the plugins found, their versions and the kinds they provide; `plugins new NAME`
+    /// starts a plugin crate.
     Plugins {
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        action: Option<PluginsAction>,
     },
+    /// Write a starter pipeline with comments: pair, retrieval, few_shot or classify.
+    Init {
+        /// The task: pair, retrieval, few_shot or classify.
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(scaffold::TASKS))]
+        task: String,
+        /// Where to write it.
+        #[arg(long, short, default_value = "pipeline.toml")]
+        output: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print a shell completion script (bash, zsh, fish, powershell, elvish), e.g.
+    /// `fam-cli completions bash > ~/.local/share/bash-completion/completions/fam-cli`.
+    Completions { shell: clap_complete::Shell },
     /// Score the faithfulness of the pipeline's maps and of baselines (Average Drop,
     /// Increase in Confidence, deletion and insertion AUC); writes eval.json.
     Eval {
@@ -104,6 +137,9 @@ enum Command {
         /// Leave out the occlusion baseline (one forward pass per patch and item).
         #[arg(long)]
         skip_occlusion: bool,
+        /// Print the report as JSON on stdout instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// Time the stages of an explanation per image (decode and preprocess, forward, FAM,
     /// rendering, end to end) for several batch sizes, with the pipeline's models.
@@ -252,7 +288,45 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 .into())
             }
         }
-        Command::Plugins { json } => {
+        Command::Plugins {
+            action: Some(PluginsAction::New { name, path }),
+            ..
+        } => {
+            let dir = scaffold::new_plugin(&name, path)?;
+            println!("{}: plugin `{name}` written. Next:", dir.display());
+            println!("  cd {}", dir.display());
+            println!("  cargo build --release");
+            println!("  fam-cli --plugin-dir target/release plugins");
+            println!("  fam-cli --plugin-dir target/release run pipeline.toml");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Init {
+            task,
+            output,
+            force,
+        } => {
+            if output.exists() && !force {
+                anyhow::bail!("{} already exists (--force replaces it)", output.display());
+            }
+            let text = scaffold::starter(&task)?;
+            std::fs::write(&output, text).with_context(|| output.display().to_string())?;
+            println!(
+                "{}: a {task} pipeline; check it with `fam-cli validate {}`",
+                output.display(),
+                output.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "fam-cli",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugins { json, action: None } => {
             let mut host = PluginHost::new(&cli.plugin_dirs);
             let found = host.discover();
             if json {
@@ -398,6 +472,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             metric,
             contrast,
             skip_occlusion,
+            json,
         } => {
             let p = LoadedPipeline::load(&pipeline)?;
             let mut dirs = cli.plugin_dirs.clone();
@@ -417,7 +492,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 skip_occlusion,
             };
             let report = fam_core::eval::run_eval(&p, &mut host, &opts, &Bars::new(cli.quiet))?;
-            print!("{}", fam_core::eval::table(&report));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", fam_core::eval::table(&report));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Convert { input, output } => {

@@ -13,6 +13,9 @@ pub struct Problem {
     pub field: String,
     /// What is wrong, naming the bad value.
     pub message: String,
+    /// The line of the pipeline file the field is on (from 1), where it can be found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
 }
 
 impl Problem {
@@ -20,6 +23,7 @@ impl Problem {
         Self {
             field: field.into(),
             message: message.into(),
+            line: None,
         }
     }
 }
@@ -36,6 +40,9 @@ impl Problem {
 
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(line) = self.line {
+            write!(f, "line {line}: ")?;
+        }
         write!(f, "{}: {}", self.field, self.message)
     }
 }

@@ -466,7 +466,7 @@ pub struct Comparison {
 }
 
 /// Facts about the run that renderers print beside the maps.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RunInfo {
     pub task: String,
     pub backbone: String,

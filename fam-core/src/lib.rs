@@ -26,6 +26,7 @@ pub mod pickle;
 pub mod pipeline;
 pub mod plugin;
 pub mod preprocess;
+pub mod report;
 pub mod retrieval;
 pub mod run;
 pub mod traits;

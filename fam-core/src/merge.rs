@@ -6,6 +6,8 @@
 //! that list items (`scores.json`, `retrieval.json`, `episode.json`, `predictions.json`) are
 //! merged by concatenating their arrays, and `accuracy` is recomputed from the predictions.
 //! `manifest.json` sums the item counts, counts and timings, and lists every file and failure.
+//! `index.html` (the `html` renderer's report) is written again from the data each shard's
+//! page embeds, so it links every file of the merged folder.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -139,10 +141,19 @@ pub fn merge(output: &Path, shards: &[PathBuf]) -> Result<MergeReport> {
 
     let mut out = OutputDir::create(output)?;
     let mut docs: BTreeMap<String, Vec<(PathBuf, Value)>> = BTreeMap::new();
+    let mut pages: Vec<(String, crate::report::ReportData)> = Vec::new();
     for (dir, m) in &manifests {
         for f in m["files"].as_array().into_iter().flatten() {
             let rel = f["path"].as_str().unwrap_or_default();
             let src = dir.join(rel);
+            if rel == "index.html" {
+                // The report page is written again below, from every shard's data.
+                let html = std::fs::read_to_string(&src).map_err(|e| FamError::io(&src, e))?;
+                let data = crate::report::ReportData::from_page(&html)
+                    .map_err(|e| FamError::invalid(format!("{}: {e}", src.display())))?;
+                pages.push((f["by"].as_str().unwrap_or("html").to_string(), data));
+                continue;
+            }
             if ITEM_DOCUMENTS.contains(&rel) {
                 docs.entry(rel.to_string())
                     .or_default()
@@ -161,6 +172,18 @@ pub fn merge(output: &Path, shards: &[PathBuf]) -> Result<MergeReport> {
             name,
             &serde_json::to_vec_pretty(&merged).map_err(|e| FamError::invalid(e.to_string()))?,
         )?;
+    }
+    // The report: the shards' comparisons in shard order, linking the merged files (as the
+    // single run's page links every file written before it).
+    if let Some((by, first)) = pages.first() {
+        let mut data = first.clone();
+        data.comparisons = pages
+            .iter()
+            .flat_map(|(_, d)| d.comparisons.iter().cloned())
+            .collect();
+        let files = out.written_files();
+        out.set_writer(by);
+        out.write("index.html", crate::report::page(&data, &files).as_bytes())?;
     }
 
     // The manifest: the first shard's facts, with summed numbers and all files and failures.

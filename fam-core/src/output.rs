@@ -11,6 +11,11 @@ pub trait OutputSink {
     /// Writes `bytes` to `rel_path` (relative, `/`-separated, made of safe names) inside the
     /// output folder.
     fn write(&mut self, rel_path: &str, bytes: &[u8]) -> Result<()>;
+    /// The files written so far in this run (relative paths), for renderers that link or
+    /// summarise the others' files (`html`).
+    fn written_files(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A file written during the run.
@@ -57,6 +62,10 @@ impl OutputDir {
 }
 
 impl OutputSink for OutputDir {
+    fn written_files(&self) -> Vec<String> {
+        self.written.iter().map(|f| f.path.clone()).collect()
+    }
+
     fn write(&mut self, rel_path: &str, bytes: &[u8]) -> Result<()> {
         // Stop before a new file, never in the middle of one.
         crate::run::check_interrupt()?;

@@ -475,6 +475,8 @@ fn labelled_problems(folder: &Path, field: &str, need_labels: bool) -> Vec<Probl
 pub struct LoadedPipeline {
     pub path: PathBuf,
     pub pipeline: Pipeline,
+    /// The file's text, to point problems at their lines.
+    pub source: String,
 }
 
 impl LoadedPipeline {
@@ -536,6 +538,7 @@ impl LoadedPipeline {
         Ok(Self {
             path: path.to_path_buf(),
             pipeline,
+            source: text.to_string(),
         })
     }
 
@@ -562,6 +565,18 @@ impl LoadedPipeline {
     /// Loads the plugins the pipeline names and checks everything that can be checked
     /// without loading a model. Returns every problem found, not just the first.
     pub fn validate(&self, host: &mut PluginHost, device_override: Option<&str>) -> Vec<Problem> {
+        let mut problems = self.validate_fields(host, device_override);
+        for pr in &mut problems {
+            pr.line = pr.line.or_else(|| locate(&self.source, &pr.field));
+        }
+        problems
+    }
+
+    fn validate_fields(
+        &self,
+        host: &mut PluginHost,
+        device_override: Option<&str>,
+    ) -> Vec<Problem> {
         let p = &self.pipeline;
         let mut problems = Vec::new();
 
@@ -682,6 +697,89 @@ impl LoadedPipeline {
     }
 }
 
+/// The line (from 1) of a field such as `backbone.layer`, `render[1].kind` or
+/// `task.pairs[0].a` in a pipeline's text: the key's line inside its table, or the table's
+/// header where the key is not written out. `None` where neither is found.
+pub fn locate(text: &str, field: &str) -> Option<usize> {
+    let parts: Vec<&str> = field.split('.').collect();
+    let (table, index) = match parts[0].split_once('[') {
+        Some((t, i)) => (t, i.trim_end_matches(']').parse::<usize>().ok()),
+        None => (parts[0], None),
+    };
+    let header = |line: &str| {
+        let l = line.trim();
+        let name = l
+            .strip_prefix("[[")
+            .and_then(|r| r.split("]]").next())
+            .or_else(|| l.strip_prefix('[').and_then(|r| r.split(']').next()))?;
+        Some(name.trim().to_string())
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    // A key of a sub-table written as its own section, e.g. `backbone.options.size`.
+    if index.is_none() && parts.len() >= 3 {
+        let sub = format!("{}.{}", parts[0], parts[1]);
+        if let Some(h) = lines
+            .iter()
+            .position(|l| header(l).as_deref() == Some(&sub))
+        {
+            let key = parts[2].split('[').next().unwrap_or(parts[2]);
+            for (n, line) in lines.iter().enumerate().skip(h + 1) {
+                if header(line).is_some() {
+                    break;
+                }
+                let l = line.trim_start();
+                if l.strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+                {
+                    return Some(n + 1);
+                }
+            }
+            return Some(h + 1);
+        }
+    }
+    // The table's header: the n-th `[[table]]` for an array of tables.
+    let mut start = None;
+    let mut seen = 0;
+    for (n, line) in lines.iter().enumerate() {
+        if header(line).as_deref() == Some(table) {
+            if index.unwrap_or(0) == seen || index.is_none() {
+                start = Some(n);
+                break;
+            }
+            seen += 1;
+        }
+    }
+    let start = start?;
+    // A key inside it, or inside a sub-table such as `[backbone.options]`.
+    let key = match (index, parts.get(1)) {
+        (Some(_), Some(k)) => Some(*k),
+        (None, Some(k)) => Some(*k),
+        _ => None,
+    };
+    let Some(key) = key.map(|k| k.split('[').next().unwrap_or(k)) else {
+        return Some(start + 1);
+    };
+    let sub = format!("{table}.{key}");
+    let mut current = table.to_string();
+    for (n, line) in lines.iter().enumerate().skip(start + 1) {
+        if let Some(h) = header(line) {
+            if h == sub {
+                return Some(n + 1);
+            }
+            current = h;
+            continue;
+        }
+        let l = line.trim_start();
+        let is_key = l
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with('='));
+        if is_key && (current == table || current.starts_with(&format!("{table}."))) {
+            return Some(n + 1);
+        }
+    }
+    Some(start + 1)
+}
+
 fn prefix(section: &str, problems: Vec<Problem>) -> Vec<Problem> {
     problems
         .into_iter()
@@ -741,6 +839,20 @@ fn levenshtein(a: &str, b: &str) -> usize {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn problems_point_at_their_lines() {
+        let text = "[run]\noutput = \"o\"\n\n[backbone]\nplugin = \"p\"\nkind = \"k\"\nlayer = \"x\"\n[backbone.options]\nsize = 3\n\n[[render]]\nkind = \"a\"\n[[render]]\nplugin = \"r\"\nkind = \"b\"\n[task]\nkind = \"pair\"\npairs = []\n";
+        assert_eq!(super::locate(text, "backbone.layer"), Some(7));
+        assert_eq!(super::locate(text, "backbone.options.size"), Some(9));
+        assert_eq!(super::locate(text, "backbone.options"), Some(8));
+        assert_eq!(super::locate(text, "backbone.weights"), Some(4));
+        assert_eq!(super::locate(text, "render[0].kind"), Some(12));
+        assert_eq!(super::locate(text, "render[1].kind"), Some(15));
+        assert_eq!(super::locate(text, "task.pairs[0].a"), Some(18));
+        assert_eq!(super::locate(text, "similarity.kind"), None);
+        assert_eq!(super::locate(text, "run.device"), Some(1));
+    }
+
     use super::*;
 
     const GOOD: &str = r#"

@@ -25,7 +25,7 @@ use crate::output::OutputSink;
 use crate::traits::{Backbone, Features, InputSpec, LayerInfo, Renderer, Similarity};
 
 /// Bumped whenever the declaration or any trait crossing the boundary changes.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 /// The fam-core version a plugin was compiled against.
 pub const CORE_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The compiler that built this copy of fam-core.
@@ -448,6 +448,12 @@ impl Renderer for GuardedRenderer {
         guard(&self.plugin, "Renderer::render_eval", || {
             self.inner.render_eval(report, out)
         })
+    }
+    fn runs_last(&self) -> bool {
+        guard(&self.plugin, "Renderer::runs_last", || {
+            Ok(self.inner.runs_last())
+        })
+        .unwrap_or(false)
     }
 }
 

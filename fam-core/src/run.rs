@@ -614,7 +614,8 @@ pub fn run_with_session(
     let (explanation, items_total) = run_task(&mut ctx, &mut out, output)?;
 
     let t = Instant::now();
-    for r in &session.renderers {
+    let (last, first): (Vec<_>, Vec<_>) = session.renderers.iter().partition(|r| r.runs_last());
+    for r in first.into_iter().chain(last) {
         let name = r.name();
         out.set_writer(&name);
         if let Err(e) = r.render(&explanation, &mut out) {

@@ -125,6 +125,12 @@ pub trait Renderer: Send + Sync {
     /// The renderer's name, e.g. `overlay`.
     fn name(&self) -> String;
     fn render(&self, explanation: &Explanation, out: &mut dyn OutputSink) -> Result<()>;
+    /// `true` for a renderer that summarises the other renderers' files (such as the `html`
+    /// report, which links every panel): it runs after all the others, whatever the order
+    /// of `[[render]]` sections.
+    fn runs_last(&self) -> bool {
+        false
+    }
     /// Renders the results of `fam-cli eval` (for example a plot of the mean deletion and
     /// insertion curves). The default writes nothing.
     fn render_eval(

@@ -3,12 +3,16 @@
 
 mod bad_input;
 mod bench;
+mod cli;
+mod docs;
 mod eval;
 mod fewshot;
 mod interrupt;
 mod pair;
 mod plugins;
+mod report;
 mod retrieval;
 mod shard;
 mod util;
 mod validate;
+mod walkthrough;

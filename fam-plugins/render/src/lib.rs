@@ -5,10 +5,13 @@
 //! - `panel`: one PNG per comparison: both images, both maps, the score and the setup; for
 //!   `fam-cli eval`, `eval-curves.png` with the mean deletion and insertion curves;
 //! - `npy`: raw maps (`h x w`, before upsampling) and upsampled maps (`H x W`) as `.npy`;
-//! - `scores`: `scores.json` with every comparison's score and the files of its maps.
+//! - `scores`: `scores.json` with every comparison's score and the files of its maps;
+//! - `html`: `index.html`, a report page with every panel, the scores and the ranking, and
+//!   links to the raw maps (runs after the others).
 
 mod curves;
 mod draw;
+pub mod html;
 
 use fam_core::explain::{Comparison, Explanation, SaliencyMap, Side};
 use fam_core::output::{npy_f32, OutputSink};
@@ -39,6 +42,18 @@ pub fn register(r: &mut Registrar) {
         "raw (h x w) and upsampled (H x W) maps as .npy files",
         |o| check_options(o, &[]),
         |_| Ok(Box::new(Npy)),
+    );
+    r.renderer(
+        "html",
+        "index.html: every panel and overlay, the scores and ranking, links to the raw maps (option: title)",
+        |o| {
+            let mut p = check_options(o, &["title"]);
+            if o.get("title").is_some_and(|t| !t.is_str()) {
+                p.push(Problem::new("title", "must be a string"));
+            }
+            p
+        },
+        |o| Ok(Box::new(html::Html::from_options(o)?)),
     );
     r.renderer(
         "scores",

@@ -16,6 +16,12 @@ pub trait OutputSink {
     fn written_files(&self) -> Vec<String> {
         Vec::new()
     }
+    /// In a resumed run (`fam-cli run --resume`) of an unchanged pipeline, a file the
+    /// interrupted run left (complete, since writes are atomic) is kept: this records it as
+    /// written and returns `true`, and the renderer skips producing it. `false` otherwise.
+    fn reuse(&mut self, _rel_path: &str) -> bool {
+        false
+    }
 }
 
 /// A file written during the run.
@@ -33,6 +39,9 @@ pub struct OutputDir {
     root: PathBuf,
     current: String,
     written: Vec<WrittenFile>,
+    /// Keep files an interrupted run of the same pipeline left ([`OutputSink::reuse`]).
+    reuse_existing: bool,
+    reused: usize,
 }
 
 impl OutputDir {
@@ -44,6 +53,8 @@ impl OutputDir {
             root,
             current: "fam".into(),
             written: Vec::new(),
+            reuse_existing: false,
+            reused: 0,
         })
     }
 
@@ -59,11 +70,44 @@ impl OutputDir {
     pub fn written(&self) -> &[WrittenFile] {
         &self.written
     }
+
+    /// Lets renderers keep complete files already in the folder (a resumed run).
+    pub fn set_reuse_existing(&mut self, on: bool) {
+        self.reuse_existing = on;
+    }
+
+    /// How many files were kept from an interrupted run.
+    pub fn reused(&self) -> usize {
+        self.reused
+    }
 }
 
 impl OutputSink for OutputDir {
     fn written_files(&self) -> Vec<String> {
         self.written.iter().map(|f| f.path.clone()).collect()
+    }
+
+    fn reuse(&mut self, rel_path: &str) -> bool {
+        if !self.reuse_existing {
+            return false;
+        }
+        let Ok(rel) = checked_relative(rel_path) else {
+            return false;
+        };
+        let Ok(meta) = std::fs::metadata(self.root.join(rel)) else {
+            return false;
+        };
+        if !meta.is_file() {
+            return false;
+        }
+        self.written.retain(|f| f.path != rel_path);
+        self.written.push(WrittenFile {
+            path: rel_path.to_string(),
+            bytes: meta.len(),
+            by: self.current.clone(),
+        });
+        self.reused += 1;
+        true
     }
 
     fn write(&mut self, rel_path: &str, bytes: &[u8]) -> Result<()> {

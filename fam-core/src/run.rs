@@ -76,6 +76,9 @@ pub struct Counts {
     /// Images whose embedding and feature maps came from the checkpoint of an interrupted
     /// run (`--resume`) instead of the backbone.
     pub resumed: usize,
+    /// Output files an interrupted run of the same pipeline left complete, kept instead of
+    /// being rendered again (`--resume`).
+    pub files_reused: usize,
 }
 
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -599,6 +602,31 @@ pub fn run_with_session(
             &session.spec,
         )?),
     };
+    // Rendered files are kept on resume only if the pipeline is the one that wrote them:
+    // the checkpoint records its fingerprint.
+    let fingerprint_file = checkpoint_root.join("pipeline.sha256");
+    let fingerprint = crate::cache::sha256_hex(
+        format!(
+            "{}\n{}\n{}",
+            env!("CARGO_PKG_VERSION"),
+            shard.map(|s| s.label()).unwrap_or_default(),
+            p.source
+        )
+        .as_bytes(),
+    );
+    match checkpointing {
+        Checkpointing::Off => {}
+        Checkpointing::Fresh => write_atomic(&fingerprint_file, fingerprint.as_bytes())?,
+        Checkpointing::Resume => {
+            let recorded = std::fs::read_to_string(&fingerprint_file).unwrap_or_default();
+            if recorded == fingerprint {
+                out.set_reuse_existing(true);
+            } else if checkpoint_root.exists() {
+                tracing::warn!(pipeline = %p.path.display(), "the pipeline changed since the interrupted run: every file is rendered again");
+                let _ = std::fs::remove_file(&fingerprint_file);
+            }
+        }
+    }
     let mut failures = Vec::new();
     let mut counts = Counts::default();
     let mut ctx = TaskContext {
@@ -631,6 +659,7 @@ pub fn run_with_session(
     }
     timings.render = ms(t);
     timings.total = ms(start) + load_models;
+    counts.files_reused = out.reused();
 
     let items_failed = failures
         .iter()

@@ -104,6 +104,14 @@ fn ctrl_c_leaves_only_complete_files() {
     assert_eq!(saved.len(), 3, "{saved:?}");
     // Drop one entry, so that the resumed run mixes restored and recomputed images.
     std::fs::remove_file(&saved[0]).unwrap();
+    // Rendered files the interrupted run completed are kept, not drawn again.
+    let before = files
+        .iter()
+        .filter(|f| {
+            let s = f.to_string_lossy();
+            (s.contains("/overlays/") || s.contains("/maps/")) && !s.ends_with(".tmp")
+        })
+        .count();
     let r = run(fam()
         .args(["-q", "run", "--json", "--resume"])
         .arg(&p)
@@ -114,6 +122,7 @@ fn ctrl_c_leaves_only_complete_files() {
     assert_eq!(report["items_ok"], 120, "{report}");
     assert_eq!(report["counts"]["resumed"], 160, "{report}");
     assert_eq!(report["counts"]["images_forwarded"], 80, "{report}");
+    assert_eq!(report["counts"]["files_reused"], before, "{report}");
     assert!(
         !out.join(".fam-checkpoint").exists(),
         "checkpoint left after a complete run"

@@ -153,6 +153,11 @@ impl Renderer for Overlay {
                     .map(move |(tag, side)| (format!("overlays/{}_{tag}.png", c.id), side))
             })
             .collect();
+        // Files a resumed run already has are kept, not drawn again.
+        let jobs: Vec<(String, &Side)> = jobs
+            .into_iter()
+            .filter(|(name, _)| !out.reuse(name))
+            .collect();
         let pngs: Vec<(String, Option<Result<Vec<u8>>>)> = jobs
             .into_par_iter()
             .map(|(name, side)| (name, self.overlay(e, side).map(|c| c.png())))
@@ -190,10 +195,18 @@ impl Renderer for Panel {
                     Some((_, v)) => v.push(c),
                     None => groups.push((g.as_str(), vec![c])),
                 },
-                None => out.write(&format!("panels/{}.png", c.id), &self.panel(e, c)?.png()?)?,
+                None => {
+                    let name = format!("panels/{}.png", c.id);
+                    if !out.reuse(&name) {
+                        out.write(&name, &self.panel(e, c)?.png()?)?;
+                    }
+                }
             }
         }
         for (name, items) in groups {
+            if out.reuse(&format!("panels/{name}.png")) {
+                continue;
+            }
             // Few-shot queries carry their support images' maps (comparisons without rank).
             let canvas = if items.iter().any(|c| c.rank.is_none()) {
                 self.episode(e, name, &items)?
@@ -562,12 +575,16 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
 pub struct Npy;
 
 fn write_npy(out: &mut dyn OutputSink, stem: &str, m: &SaliencyMap) -> Result<()> {
+    let raw = format!("maps/{stem}_raw.npy");
+    if !out.reuse(&raw) {
+        out.write(&raw, &npy_f32(&[m.raw.height, m.raw.width], &m.raw.data))?;
+    }
+    let up = format!("maps/{stem}_up.npy");
+    if out.reuse(&up) {
+        return Ok(());
+    }
     out.write(
-        &format!("maps/{stem}_raw.npy"),
-        &npy_f32(&[m.raw.height, m.raw.width], &m.raw.data),
-    )?;
-    out.write(
-        &format!("maps/{stem}_up.npy"),
+        &up,
         &npy_f32(&[m.upsampled.height, m.upsampled.width], &m.upsampled.data),
     )
 }

@@ -205,6 +205,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// Reads a pipeline, with a plugin host that searches the command line's plugin folders
+/// and then the pipeline's own.
+fn open_pipeline(
+    path: &std::path::Path,
+    cli_dirs: &[PathBuf],
+) -> anyhow::Result<(LoadedPipeline, PluginHost)> {
+    let p = LoadedPipeline::load(path)?;
+    let mut dirs = cli_dirs.to_vec();
+    dirs.extend(p.pipeline.run.plugin_dirs.iter().cloned());
+    let host = PluginHost::new(&dirs);
+    Ok((p, host))
+}
+
 fn init_logging(verbose: u8, quiet: bool) {
     let default = match (quiet, verbose) {
         (true, _) => "warn",
@@ -231,10 +244,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             shard,
             resume,
         } => {
-            let p = LoadedPipeline::load(&pipeline)?;
-            let mut dirs = cli.plugin_dirs.clone();
-            dirs.extend(p.pipeline.run.plugin_dirs.iter().cloned());
-            let mut host = PluginHost::new(&dirs);
+            let (p, mut host) = open_pipeline(&pipeline, &cli.plugin_dirs)?;
             let progress = Bars::new(cli.quiet);
             let report = fam_core::run::run_pipeline(
                 &p,
@@ -272,10 +282,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Validate { pipeline, device } => {
-            let p = LoadedPipeline::load(&pipeline)?;
-            let mut dirs = cli.plugin_dirs.clone();
-            dirs.extend(p.pipeline.run.plugin_dirs.iter().cloned());
-            let mut host = PluginHost::new(&dirs);
+            let (p, mut host) = open_pipeline(&pipeline, &cli.plugin_dirs)?;
             let problems = p.validate(&mut host, device.as_deref());
             if problems.is_empty() {
                 println!("{}: ok", pipeline.display());
@@ -428,10 +435,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             device,
             json,
         } => {
-            let p = LoadedPipeline::load(&pipeline)?;
-            let mut dirs = cli.plugin_dirs.clone();
-            dirs.extend(p.pipeline.run.plugin_dirs.iter().cloned());
-            let mut host = PluginHost::new(&dirs);
+            let (p, mut host) = open_pipeline(&pipeline, &cli.plugin_dirs)?;
             let mut files = Vec::new();
             for i in images {
                 if i.is_dir() {
@@ -474,10 +478,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             skip_occlusion,
             json,
         } => {
-            let p = LoadedPipeline::load(&pipeline)?;
-            let mut dirs = cli.plugin_dirs.clone();
-            dirs.extend(p.pipeline.run.plugin_dirs.iter().cloned());
-            let mut host = PluginHost::new(&dirs);
+            let (p, mut host) = open_pipeline(&pipeline, &cli.plugin_dirs)?;
             let opts = fam_core::eval::EvalOptions {
                 run: RunOptions {
                     device,

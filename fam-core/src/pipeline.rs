@@ -40,6 +40,10 @@ pub struct RunSection {
     /// Extra folders searched for plugin libraries (relative to the pipeline file).
     #[serde(default)]
     pub plugin_dirs: Vec<PathBuf>,
+    /// Save each forward batch to `<output>/.fam-checkpoint/` so that `--resume` can
+    /// continue an interrupted run (deleted when the run finishes).
+    #[serde(default = "default_true")]
+    pub checkpoint: bool,
 }
 
 fn default_device() -> String {

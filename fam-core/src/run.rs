@@ -231,12 +231,7 @@ pub fn embed_images(
             Ok(p) => {
                 slot.push(Ok(views.len()));
                 views.push(p);
-                // The checkpoint key: the image's content (the model is in the folder name).
-                keys.push(
-                    checkpoint
-                        .and_then(|_| std::fs::read(path).ok())
-                        .map(|b| crate::cache::sha256_hex(&b)),
-                );
+                keys.push(checkpoint.and_then(|_| checkpoint_key(path)));
             }
             Err(e) => {
                 tracing::warn!(image = %path.display(), error = %e, "skipping image");
@@ -374,6 +369,22 @@ pub fn embed_images(
         maps,
         embeddings,
     })
+}
+
+/// The checkpoint key of an image file: its absolute path, size and modification time (the
+/// model is in the checkpoint folder's name). A checkpoint lives only until its run
+/// finishes, so a file's identity is enough, and it costs a `stat`, not a second read.
+fn checkpoint_key(path: &Path) -> Option<String> {
+    let meta = std::fs::metadata(path).ok()?;
+    let modified = meta
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_nanos();
+    let abs = std::fs::canonicalize(path).ok()?;
+    let id = format!("{}\n{}\n{modified}", abs.display(), meta.len());
+    Some(crate::cache::sha256_hex(id.as_bytes()))
 }
 
 /// Saves one batch's embeddings (and feature maps) to the checkpoint.
@@ -553,10 +564,17 @@ pub fn run_pipeline(
     let session = Session::open(p, host, opts)?;
     let load_models = ms(start);
     tracing::info!(backbone = %session.backbone.describe(), similarity = %session.similarity.name(), device = ?session.device, "models loaded");
-    let checkpointing = if opts.resume {
-        Checkpointing::Resume
-    } else {
-        Checkpointing::Fresh
+    let checkpointing = match (p.pipeline.run.checkpoint, opts.resume) {
+        (true, true) => Checkpointing::Resume,
+        (true, false) => Checkpointing::Fresh,
+        (false, resume) => {
+            if resume {
+                tracing::warn!(
+                    "--resume: the pipeline sets run.checkpoint = false; running everything"
+                );
+            }
+            Checkpointing::Off
+        }
     };
     run_with_session(
         p,

@@ -4,6 +4,7 @@
 //! they are composed from candle's tensor operations.
 
 pub mod cpu;
+pub mod engine;
 
 use fam_core::candle::{DType, Device, IndexOp, Tensor};
 use fam_core::weights::{self, StateDict};

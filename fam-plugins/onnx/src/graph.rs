@@ -11,6 +11,8 @@ use fam_core::{FamError, Result};
 
 use crate::ops;
 
+use crate::external;
+
 /// A parsed ONNX model, ready to run.
 pub struct Graph {
     pub path: PathBuf,
@@ -26,6 +28,8 @@ pub struct Graph {
     /// Declared batch size of the first input (1 in many exports), for `Reshape` targets that
     /// hard-code it.
     pub declared_batch: Option<i64>,
+    /// The default-domain opset the model imports (0 when it declares none).
+    pub opset: i64,
 }
 
 impl std::fmt::Debug for Graph {
@@ -72,39 +76,46 @@ impl Graph {
             let msg = msg.lines().next().unwrap_or_default().to_string();
             err(path, format!("not a readable ONNX model: {msg}"))
         })?;
+        let opset = model
+            .opset_import
+            .iter()
+            .find(|o| is_default_domain(&o.domain))
+            .map(|o| o.version)
+            .unwrap_or(0);
         let graph = model
             .graph
             .ok_or_else(|| err(path, "the model has no graph"))?;
+        // External data lives beside the model.
+        let model_dir = path.parent().unwrap_or(Path::new(""));
         let mut constants = HashMap::new();
         for t in &graph.initializer {
-            let v = candle_onnx::eval::get_tensor(t, &t.name)
-                .and_then(|v| v.to_device(device))
-                .map_err(|e| err(path, format!("initializer `{}`: {e}", t.name)))?;
+            let v = external::tensor_from_proto(t, model_dir)
+                .map_err(|e| err(path, format!("initializer `{}`: {e}", t.name)))
+                .and_then(|v| Ok(v.to_device(device)?))?;
             constants.insert(t.name.clone(), v);
         }
         let mut nodes = Vec::new();
         for n in graph.node {
-            if n.op_type == "Constant" {
-                let value = n
-                    .attribute
-                    .iter()
-                    .find(|a| a.name == "value")
-                    .and_then(|a| a.t.as_ref())
-                    .ok_or_else(|| {
-                        err(
-                            path,
-                            format!("Constant node `{}` without a tensor value", n.name),
-                        )
-                    })?;
-                let v = candle_onnx::eval::get_tensor(value, &n.name)
-                    .and_then(|v| v.to_device(device))
-                    .map_err(|e| err(path, format!("Constant `{}`: {e}", n.name)))?;
+            if n.op_type == "Constant" && is_default_domain(&n.domain) {
+                let name = if n.name.is_empty() {
+                    n.output.first().cloned().unwrap_or_default()
+                } else {
+                    n.name.clone()
+                };
+                let v = constant_value(&n, model_dir)
+                    .map_err(|e| err(path, format!("Constant node `{name}`: {e}")))
+                    .and_then(|v| Ok(v.to_device(device)?))?;
                 for o in &n.output {
                     constants.insert(o.clone(), v.clone());
                 }
                 continue;
             }
+            let mut n = n;
+            mark_legacy(&mut n, opset);
             nodes.push(n);
+        }
+        if let Some(report) = unsupported_report(&nodes) {
+            return Err(err(path, report));
         }
         let inputs: Vec<(String, Vec<i64>)> = graph
             .input
@@ -131,6 +142,7 @@ impl Graph {
             producer,
             device: device.clone(),
             declared_batch,
+            opset,
         })
     }
 
@@ -280,4 +292,90 @@ fn value_shape(v: &onnx::ValueInfoProto) -> Vec<i64> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Whether a node's domain is the default ONNX operator set.
+fn is_default_domain(domain: &str) -> bool {
+    domain.is_empty() || domain == "ai.onnx"
+}
+
+/// The value of a `Constant` node, in any of its attribute forms (`value`, and since opset
+/// 12 `value_float(s)`, `value_int(s)`).
+fn constant_value(n: &NodeProto, model_dir: &Path) -> std::result::Result<Tensor, String> {
+    let cpu = &Device::Cpu;
+    let attr = n.attribute.first().ok_or("it has no value attribute")?;
+    let built = match attr.name.as_str() {
+        "value" => {
+            let t = attr.t.as_ref().ok_or("attribute `value` holds no tensor")?;
+            return external::tensor_from_proto(t, model_dir);
+        }
+        "value_float" => Tensor::new(attr.f, cpu),
+        "value_floats" => Tensor::new(attr.floats.as_slice(), cpu),
+        "value_int" => Tensor::new(attr.i, cpu),
+        "value_ints" => Tensor::new(attr.ints.as_slice(), cpu),
+        other @ ("sparse_value" | "value_string" | "value_strings") => {
+            return Err(format!("attribute `{other}` is not supported"))
+        }
+        other => return Err(format!("unknown attribute `{other}`")),
+    };
+    built.map_err(|e| e.to_string().lines().next().unwrap_or_default().to_string())
+}
+
+/// Every operator of `nodes` that [`ops::eval`] does not implement, with its node count, in
+/// one message (most frequent first); `None` when all are supported.
+pub fn unsupported_report(nodes: &[NodeProto]) -> Option<String> {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for n in nodes {
+        let name = if is_default_domain(&n.domain) {
+            if ops::SUPPORTED.binary_search(&n.op_type.as_str()).is_ok() {
+                continue;
+            }
+            n.op_type.clone()
+        } else {
+            format!("{}.{}", n.domain, n.op_type)
+        };
+        *counts.entry(name).or_default() += 1;
+    }
+    if counts.is_empty() {
+        return None;
+    }
+    let mut counts: Vec<(String, usize)> = counts.into_iter().collect();
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    // A hostile file may name thousands: list the first ones.
+    const LISTED: usize = 20;
+    let mut list: Vec<String> = counts
+        .iter()
+        .take(LISTED)
+        .map(|(o, c)| {
+            // Names come from the file: keep them printable and short.
+            let o: String = o.chars().filter(|c| !c.is_control()).take(80).collect();
+            format!("`{o}` ({c} node{})", if *c == 1 { "" } else { "s" })
+        })
+        .collect();
+    let k = counts.len();
+    if k > LISTED {
+        list.push(format!("and {} more", k - LISTED));
+    }
+    Some(format!(
+        "{k} operator{} not supported: {}; supported: {}",
+        if k == 1 { " is" } else { "s are" },
+        list.join(", "),
+        ops::SUPPORTED.join(", ")
+    ))
+}
+
+/// Operators whose meaning changed at opset 13 without a change of inputs or attributes
+/// (`Softmax`'s axis): the loader marks them with [`ops::LEGACY_ATTR`] in older models.
+fn mark_legacy(n: &mut NodeProto, opset: i64) {
+    if (1..13).contains(&opset)
+        && is_default_domain(&n.domain)
+        && matches!(n.op_type.as_str(), "Softmax" | "LogSoftmax")
+    {
+        n.attribute.push(onnx::AttributeProto {
+            name: ops::LEGACY_ATTR.into(),
+            r#type: onnx::attribute_proto::AttributeType::Int as i32,
+            i: 1,
+            ..Default::default()
+        });
+    }
 }

@@ -16,8 +16,10 @@
 //! The model is parsed and its weights converted once; each batch evaluates only the nodes
 //! the layer (and output) need, freeing intermediates after their last use.
 
+pub mod external;
 pub mod graph;
 pub mod head;
+pub mod lower;
 pub mod ops;
 
 use std::collections::HashMap;
@@ -137,6 +139,8 @@ pub struct OnnxBackbone {
     plan: Vec<usize>,
     head: Option<Head>,
     spec: InputSpec,
+    /// The graph lowered onto fam's engine (CPU); `None` runs the interpreter.
+    engine: Option<lower::Lowered>,
 }
 
 impl std::fmt::Debug for OnnxBackbone {
@@ -247,7 +251,24 @@ impl OnnxBackbone {
             plan,
             head: None,
             spec,
+            engine: None,
         };
+        if device.is_cpu() && std::env::var("FAM_ONNX_ENGINE").as_deref() != Ok("off") {
+            let mut targets = vec![me.layer.as_str()];
+            if let Some(o) = &me.output {
+                targets.push(o.as_str());
+            }
+            let dims = [1, 3, size.0 as usize, size.1 as usize];
+            let lowered = lower::lower(&me.graph, &me.plan, &me.input, &targets, &dims)?;
+            tracing::info!(
+                model = %path.display(),
+                engine_nodes = lowered.native,
+                interpreted_nodes = lowered.external,
+                steps = lowered.program.counts().0,
+                "onnx graph lowered onto the engine"
+            );
+            me.engine = Some(lowered);
+        }
         if let Some(o) = me.output.clone() {
             // One probe batch gives the layer's shape; the head is then built on zeros.
             let probe =
@@ -268,12 +289,28 @@ impl OnnxBackbone {
         if let Some(o) = &self.output {
             targets.push(o.as_str());
         }
+        if let Some(e) = &self.engine {
+            let outs = e
+                .program
+                .run(std::slice::from_ref(batch))
+                .map_err(|err| match err {
+                    FamError::Invalid(m) => FamError::weights(&self.graph.path, m),
+                    other => other,
+                })?;
+            return Ok(targets.iter().map(|t| t.to_string()).zip(outs).collect());
+        }
         let feeds = HashMap::from([(self.input.clone(), batch.clone())]);
         self.graph.run(&self.plan, feeds, &targets)
     }
 
     pub fn graph(&self) -> &Graph {
         &self.graph
+    }
+
+    /// Steps of the engine program after rewrites, and how many of them run on engine
+    /// kernels (`None` when the model runs on the interpreter).
+    pub fn engine_counts(&self) -> Option<(usize, usize)> {
+        self.engine.as_ref().map(|e| e.program.counts())
     }
 }
 

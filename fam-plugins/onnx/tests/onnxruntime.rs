@@ -46,19 +46,41 @@ fn operators_match_onnxruntime() {
         })
         .collect();
     cases.sort();
-    assert!(cases.len() >= 19, "{cases:?}");
+    assert!(cases.len() >= 90, "{cases:?}");
+    // Every case runs; the failures are listed together.
+    let mut failures = Vec::new();
     for case in cases {
-        let g = Graph::load(&dir.join(format!("{case}.onnx")), &Device::Cpu).unwrap();
-        let x = npy(&dir.join(format!("{case}.input.npy")));
-        let expected = npy(&dir.join(format!("{case}.expected.npy")));
-        let plan = g.plan(&["y"]).unwrap();
-        let out = g
-            .run(&plan, HashMap::from([("x".to_string(), x)]), &["y"])
-            .unwrap_or_else(|e| panic!("{case}: {e}"));
-        let err = rel_err(&out["y"], &expected);
-        println!("{case}: relative error {err:.2e}");
-        assert!(err < 1e-4, "{case}: relative error {err}");
+        let run = || -> Result<f32, String> {
+            let g = Graph::load(&dir.join(format!("{case}.onnx")), &Device::Cpu)
+                .map_err(|e| e.to_string())?;
+            let x = npy(&dir.join(format!("{case}.input.npy")));
+            let expected = npy(&dir.join(format!("{case}.expected.npy")));
+            let plan = g.plan(&["y"]).map_err(|e| e.to_string())?;
+            let out = g
+                .run(&plan, HashMap::from([("x".to_string(), x)]), &["y"])
+                .map_err(|e| e.to_string())?;
+            let y = out["y"].to_dtype(fam_core::candle::DType::F32).unwrap();
+            if y.dims() != expected.dims() {
+                return Err(format!(
+                    "shape {:?}, expected {:?}",
+                    y.dims(),
+                    expected.dims()
+                ));
+            }
+            Ok(rel_err(&y, &expected))
+        };
+        match run() {
+            Ok(err) if err < 1e-4 => println!("{case}: relative error {err:.2e}"),
+            Ok(err) => failures.push(format!("{case}: relative error {err}")),
+            Err(e) => failures.push(format!("{case}: {e}")),
+        }
     }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 fn face_model() -> PathBuf {

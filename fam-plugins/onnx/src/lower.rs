@@ -278,6 +278,19 @@ fn channel_vector(t: &Tensor, c: usize) -> Option<Vec<f32>> {
     Some(if n == 1 { vec![v[0]; c] } else { v })
 }
 
+/// The values of a constant that broadcasts against `[n, h, w, c]` along the last axis only
+/// (or is a scalar), as `c` values.
+fn last_axis_vector(t: &Tensor, c: usize) -> Option<Vec<f32>> {
+    let dims = t.dims();
+    let n = t.elem_count();
+    let ok = n == 1 && dims.len() <= 4 || (n == c && dims.len() <= 4 && dims.last() == Some(&c));
+    if !ok {
+        return None;
+    }
+    let v = f32s(t).ok()?;
+    Some(if n == 1 { vec![v[0]; c] } else { v })
+}
+
 /// The activation a node computes, when it is one the engine fuses.
 fn activation(node: &NodeProto, constants: &HashMap<String, Tensor>) -> Option<Act> {
     Some(match node.op_type.as_str() {
@@ -285,6 +298,7 @@ fn activation(node: &NodeProto, constants: &HashMap<String, Tensor>) -> Option<A
         "Sigmoid" => Act::Sigmoid,
         "Tanh" => Act::Tanh,
         "HardSwish" => Act::HardSwish,
+        "Erf" => Act::Erf,
         "LeakyRelu" => Act::LeakyRelu(float(node, "alpha", 0.01)),
         "HardSigmoid" => Act::HardSigmoid(float(node, "alpha", 0.2), float(node, "beta", 0.5)),
         "Gelu" if string(node, "approximate") != "tanh" => Act::Gelu,
@@ -351,7 +365,9 @@ fn lower_with(
     b.split(split_mode(graph, plan, &p, targets));
     let constants = Arc::new(p.constants);
     let mut ids: HashMap<String, ValueId> = HashMap::new();
-    let mut native: HashSet<String> = HashSet::new();
+    // Values computed by engine kernels, and whether their logical layout is channels-last
+    // (`[n, h, w, c]`, after a Transpose that moved no data) rather than `[n, c, h, w]`.
+    let mut layout: HashMap<String, bool> = HashMap::new();
     ids.insert(input.to_string(), b.input());
     let (mut n_native, mut n_external) = (0, 0);
     let err = |node: &NodeProto, m: String| {
@@ -380,21 +396,97 @@ fn lower_with(
         };
         let x0 = node.input.first().cloned().unwrap_or_default();
         let out0 = node.output.first().cloned().unwrap_or_default();
+        // A value kernels may read as `[n, c, h, w]`: native channels-first, or a tensor.
+        let cf = |n: &str| layout.get(n) != Some(&true) && is_f32_4d(n);
+        let single_output = node.output.iter().skip(1).all(|o| o.is_empty());
+        let mut out_cl = false;
         let lowered: Option<ValueId> = match node.op_type.as_str() {
             "Identity" | "Dropout" if dyn_inputs.len() == 1 && *dyn_inputs[0] == x0 => {
                 // The value itself: no step at all.
                 ids.insert(out0.clone(), ids[&x0]);
-                if native.contains(&x0) {
-                    native.insert(out0.clone());
+                if let Some(&l) = layout.get(&x0) {
+                    layout.insert(out0.clone(), l);
                 }
                 n_native += 1;
                 continue;
             }
-            "Conv" if dyn_inputs.len() == 1 && is_f32_4d(&x0) => {
+            "Transpose"
+                if dyn_inputs.len() == 1 && layout.contains_key(&x0) && shape(&x0).len() == 4 =>
+            {
+                let perm = ints(node, "perm").unwrap_or_default();
+                match (layout[&x0], perm.as_slice()) {
+                    (false, [0, 2, 3, 1]) => {
+                        out_cl = true;
+                        Some(b.alias(&node.name, ids[&x0], true))
+                    }
+                    (true, [0, 3, 1, 2]) => Some(b.alias(&node.name, ids[&x0], false)),
+                    _ => None,
+                }
+            }
+            "LayerNormalization"
+                if dyn_inputs.len() == 1 && layout.get(&x0) == Some(&true) && single_output =>
+            {
+                let s = shape(&x0);
+                let axis = int(node, "axis", -1).rem_euclid(s.len().max(1) as i64);
+                let c = s[3];
+                let scale = konst(1).and_then(|t| f32s(t).ok()).filter(|v| v.len() == c);
+                let shift = match node.input.get(2).filter(|n| !n.is_empty()) {
+                    None => Some(vec![0f32; c]),
+                    Some(_) => konst(2).and_then(|t| f32s(t).ok()).filter(|v| v.len() == c),
+                };
+                match (axis, scale, shift) {
+                    (3, Some(scale), Some(shift)) => {
+                        out_cl = true;
+                        Some(b.layer_norm(
+                            &node.name,
+                            ids[&x0],
+                            scale,
+                            shift,
+                            float(node, "epsilon", 1e-5),
+                        ))
+                    }
+                    _ => None,
+                }
+            }
+            "MatMul"
+                if dyn_inputs.len() == 1
+                    && *dyn_inputs[0] == x0
+                    && layout.get(&x0) == Some(&true) =>
+            {
+                // [n, h, w, c] · [c, k]: a 1x1 convolution on the channels.
+                let c = shape(&x0)[3];
+                match konst(1).map(|t| (t.dims().to_vec(), t)) {
+                    Some((d, t)) if d.len() == 2 && d[0] == c => {
+                        let k = d[1];
+                        let wt = f32s(t)?;
+                        let mut weight = vec![0f32; c * k];
+                        for ci in 0..c {
+                            for ko in 0..k {
+                                weight[ko * c + ci] = wt[ci * k + ko];
+                            }
+                        }
+                        let spec = ConvSpec {
+                            weight,
+                            dims: (k, c, 1, 1),
+                            bias: vec![0f32; k],
+                            groups: 1,
+                            stride: (1, 1),
+                            dilation: (1, 1),
+                            pads: [0; 4],
+                            act: Act::None,
+                            prelu: None,
+                        };
+                        out_cl = true;
+                        Some(b.conv(&node.name, ids[&x0], spec)?)
+                    }
+                    _ => None,
+                }
+            }
+            "Conv" if dyn_inputs.len() == 1 && cf(&x0) => {
                 lower_conv(node, &mut b, ids[&x0], &shape(&x0), konst(1), konst(2))
                     .map_err(|m| err(node, m))?
             }
-            "BatchNormalization" if dyn_inputs.len() == 1 && is_f32_4d(&x0) => {
+            "BatchNormalization" if dyn_inputs.len() == 1 && cf(&x0) => {
                 match (konst(1), konst(2), konst(3), konst(4)) {
                     (Some(s), Some(bias), Some(m), Some(v)) => {
                         let eps = float(node, "epsilon", 1e-5);
@@ -422,36 +514,37 @@ fn lower_with(
                     _ => None,
                 }
             }
-            "PRelu" if dyn_inputs.len() == 1 && is_f32_4d(&x0) => konst(1)
+            "PRelu" if dyn_inputs.len() == 1 && cf(&x0) => konst(1)
                 .and_then(|t| channel_vector(t, shape(&x0)[1]))
                 .map(|slope| b.prelu(&node.name, ids[&x0], slope)),
             "Add" | "Sub" | "Mul" | "Div" if dyn_inputs.len() == 2 => {
                 let (a, c) = (&node.input[0], &node.input[1]);
                 let (sa, sc) = (shape(a), shape(c));
                 let op = binop(&node.op_type);
-                if native.contains(a) && native.contains(c) && sa.len() == 4 && sc.len() == 4 {
-                    let same = sa == sc;
-                    let vec_of =
-                        |s: &[usize], t: &[usize]| s[0] == t[0] && s[1] == t[1] && s[2] * s[3] == 1;
-                    if same || vec_of(&sc, &sa) || vec_of(&sa, &sc) {
-                        Some(b.binary(&node.name, op, ids[a], ids[c], !same))
-                    } else {
-                        None
+                match (layout.get(a), layout.get(c)) {
+                    (Some(&la), Some(&lc)) if la == lc && sa.len() == 4 && sc.len() == 4 => {
+                        let same = sa == sc;
+                        let vec_of = |s: &[usize], t: &[usize]| {
+                            s[0] == t[0] && s[1] == t[1] && s[2] * s[3] == 1
+                        };
+                        out_cl = la;
+                        if same || (!la && (vec_of(&sc, &sa) || vec_of(&sa, &sc))) {
+                            Some(b.binary(&node.name, op, ids[a], ids[c], !same))
+                        } else {
+                            None
+                        }
                     }
-                } else {
-                    None
+                    _ => None,
                 }
             }
-            "MaxPool" | "AveragePool" if dyn_inputs.len() == 1 && is_f32_4d(&x0) => {
+            "MaxPool" | "AveragePool" if dyn_inputs.len() == 1 && cf(&x0) => {
                 let s = shape(&x0);
                 lower_pool(node, (s[2], s[3])).map(|pool| b.pool(&node.name, ids[&x0], pool))
             }
-            "GlobalAveragePool" | "GlobalMaxPool" if is_f32_4d(&x0) => {
+            "GlobalAveragePool" | "GlobalMaxPool" if cf(&x0) => {
                 Some(b.global_pool(&node.name, ids[&x0], node.op_type == "GlobalMaxPool"))
             }
-            "ReduceMean"
-                if is_f32_4d(&x0) && dyn_inputs.len() == 1 && int(node, "keepdims", 1) != 0 =>
-            {
+            "ReduceMean" if cf(&x0) && dyn_inputs.len() == 1 && int(node, "keepdims", 1) != 0 => {
                 let axes = match konst(1) {
                     Some(t) => t.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>().ok(),
                     None => ints(node, "axes"),
@@ -466,26 +559,37 @@ fn lower_with(
             }
             "Concat"
                 if dyn_inputs.len() == node.input.len()
-                    && node.input.iter().all(|n| is_f32_4d(n))
+                    && node.input.iter().all(|n| cf(n))
                     && int(node, "axis", 0).rem_euclid(4) == 1 =>
             {
                 let xs = node.input.iter().map(|n| ids[n]).collect();
                 Some(b.concat(&node.name, xs))
             }
-            _ if dyn_inputs.len() == 1 && native.contains(dyn_inputs[0]) => {
+            _ if dyn_inputs.len() == 1 && layout.contains_key(dyn_inputs[0]) => {
                 let x = dyn_inputs[0].clone();
+                let channels_last = layout[&x];
+                out_cl = channels_last;
                 match activation(node, &constants) {
                     Some(act) if x == x0 => Some(b.act(&node.name, ids[&x], act)),
                     Some(_) => None,
-                    None => lower_binary_const(node, &mut b, &ids, &x, &shape(&x), &konst),
+                    None => lower_binary_const(
+                        node,
+                        &mut b,
+                        &ids,
+                        &x,
+                        &shape(&x),
+                        channels_last,
+                        &konst,
+                    ),
                 }
             }
             _ => None,
         };
         match lowered {
             Some(v) => {
+                b.set_channels_last(v, out_cl);
                 ids.insert(out0.clone(), v);
-                native.insert(out0);
+                layout.insert(out0, out_cl);
                 n_native += 1;
             }
             None => {
@@ -588,6 +692,7 @@ fn lower_binary_const<'a>(
     ids: &HashMap<String, ValueId>,
     x: &str,
     xs: &[usize],
+    channels_last: bool,
     konst: &dyn Fn(usize) -> Option<&'a Tensor>,
 ) -> Option<ValueId> {
     if xs.len() != 4 || !matches!(node.op_type.as_str(), "Add" | "Sub" | "Mul" | "Div") {
@@ -595,7 +700,11 @@ fn lower_binary_const<'a>(
     }
     let first = node.input.first().map(String::as_str) == Some(x);
     let c = konst(if first { 1 } else { 0 })?;
-    let v = channel_vector(c, xs[1])?;
+    let v = if channels_last {
+        last_axis_vector(c, xs[3])?
+    } else {
+        channel_vector(c, xs[1])?
+    };
     let ones = vec![1f32; v.len()];
     let zeros = vec![0f32; v.len()];
     let (scale, shift) = match (node.op_type.as_str(), first) {

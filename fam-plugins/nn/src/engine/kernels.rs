@@ -102,72 +102,107 @@ unsafe fn activate_avx2(v: &mut [f32], act: Act) {
 
 #[inline(always)]
 fn activate_body(v: &mut [f32], act: Act) {
+    // Plain loops (no closures), so that the caller's target features apply.
     match act {
         Act::None => {}
-        Act::Relu => v.iter_mut().for_each(|x| *x = x.max(0.0)),
-        Act::Clip(lo, hi) => v.iter_mut().for_each(|x| *x = x.max(lo).min(hi)),
-        Act::LeakyRelu(a) => v
-            .iter_mut()
-            .for_each(|x| *x = if *x < 0.0 { a * *x } else { *x }),
-        Act::HardSigmoid(a, b) => v
-            .iter_mut()
-            .for_each(|x| *x = (a * *x + b).max(0.0).min(1.0)),
-        Act::HardSwish => v
-            .iter_mut()
-            .for_each(|x| *x *= (*x * (1.0 / 6.0) + 0.5).max(0.0).min(1.0)),
-        Act::Sigmoid => v.iter_mut().for_each(|x| *x = sigmoid(*x)),
-        Act::Silu => v.iter_mut().for_each(|x| *x *= sigmoid(*x)),
-        Act::Tanh => v.iter_mut().for_each(|x| *x = x.tanh()),
-        Act::Gelu => v
-            .iter_mut()
-            .for_each(|x| *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2))),
+        Act::Relu => {
+            for x in v.iter_mut() {
+                *x = x.max(0.0);
+            }
+        }
+        Act::Clip(lo, hi) => {
+            for x in v.iter_mut() {
+                *x = x.max(lo).min(hi);
+            }
+        }
+        Act::LeakyRelu(a) => {
+            for x in v.iter_mut() {
+                *x = x.max(0.0) + a * x.min(0.0);
+            }
+        }
+        Act::HardSigmoid(a, b) => {
+            for x in v.iter_mut() {
+                *x = (a * *x + b).clamp(0.0, 1.0);
+            }
+        }
+        Act::HardSwish => {
+            for x in v.iter_mut() {
+                *x *= (*x * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0);
+            }
+        }
+        Act::Sigmoid => {
+            for x in v.iter_mut() {
+                *x = sigmoid(*x);
+            }
+        }
+        Act::Silu => {
+            for x in v.iter_mut() {
+                *x *= sigmoid(*x);
+            }
+        }
+        Act::Tanh => {
+            for x in v.iter_mut() {
+                *x = tanh(*x);
+            }
+        }
+        Act::Gelu => {
+            for x in v.iter_mut() {
+                *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        }
+        Act::Erf => {
+            for x in v.iter_mut() {
+                *x = erf(*x);
+            }
+        }
     }
 }
 
 #[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp(-x))
 }
 
-/// The error function, to about 1e-7 absolute (W. J. Cody's rational approximations, as in
-/// most libm implementations, reduced to f32 use).
+/// `e^x` in plain arithmetic that the compiler vectorizes (libm's `expf` is one call per
+/// value): Cephes' range reduction `x = n·ln 2 + r` and its degree-6 polynomial for `e^r`,
+/// then `2^n` from the exponent bits. Relative error about 2e-7 over the clamped range.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.336_55, 88.376_26);
+    // n = round(x·log2 e) by the 1.5·2^23 trick, which vectorizes without a rounding
+    // instruction; its integer value is in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let m = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = m - MAGIC;
+    let ni = (m.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let r2 = r * r;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let y = p * r2 + r + 1.0;
+    y * f32::from_bits((ni.wrapping_add(127) as u32) << 23)
+}
+
+/// `tanh x = 1 − 2 / (e^{2x} + 1)`, vectorizable.
+#[inline(always)]
+fn tanh(x: f32) -> f32 {
+    1.0 - 2.0 / (exp(2.0 * x) + 1.0)
+}
+
+/// The error function, vectorizable: Abramowitz and Stegun 7.1.26 (absolute error 1.5e-7
+/// in exact arithmetic, about 3e-7 in f32).
+#[inline(always)]
 pub fn erf(x: f32) -> f32 {
-    let xd = x as f64;
-    let a = xd.abs();
-    let r = if a < 0.5 {
-        // erf(x) = x·P(x²)/Q(x²)
-        let t = xd * xd;
-        let p = 3.209_377_589_138_469_4e3
-            + t * (3.774_852_376_853_020_2e2
-                + t * (1.138_641_541_510_501_6e2
-                    + t * (3.161_123_743_870_565_6 + t * 1.857_777_061_846_031_5e-1)));
-        let q = 2.844_236_833_439_170_6e3
-            + t * (1.282_616_526_077_372_3e3
-                + t * (2.440_246_379_344_441_7e2 + t * (2.360_129_095_234_412_1e1 + t)));
-        return (xd * p / q) as f32;
-    } else if a < 4.0 {
-        let p = 1.230_339_354_797_997_2e3
-            + a * (2.051_078_377_826_071_5e3
-                + a * (1.712_047_612_634_070_6e3
-                    + a * (8.819_522_212_417_690_9e2
-                        + a * (2.986_351_381_974_001_3e2
-                            + a * (6.611_919_063_714_163e1
-                                + a * (8.883_149_794_388_375_9
-                                    + a * (5.641_884_969_886_700_9e-1
-                                        + a * 2.153_115_354_744_038_5e-8)))))));
-        let q = 1.230_339_354_803_749_4e3
-            + a * (3.439_367_674_143_721_6e3
-                + a * (4.362_619_090_143_247e3
-                    + a * (3.290_799_235_733_459_7e3
-                        + a * (1.621_389_574_566_690_2e3
-                            + a * (5.371_811_018_620_098_6e2
-                                + a * (1.176_939_508_913_124_9e2
-                                    + a * (1.574_492_611_070_983_5e1 + a)))))));
-        1.0 - (-a * a).exp() * p / q
-    } else {
-        1.0
-    };
-    (if xd < 0.0 { -r } else { r }) as f32
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let y = 1.0 - poly * exp(-a * a);
+    // Branch-free sign transfer (vectorizes).
+    f32::from_bits(y.to_bits() | (x.to_bits() & 0x8000_0000))
 }
 
 /// `dst[m×n] += lhs[m×k] · rhs[k×n]` with row strides `ld_dst`, `ld_lhs`, `ld_rhs` (column
@@ -196,14 +231,46 @@ pub fn gemm_acc(
         gemm::Parallelism::None
     };
     // SAFETY: the asserts above keep every access the strides describe inside the three
-    // slices; `dst` is a `&mut` and cannot alias the inputs; gemm reads `dst` (alpha = 1)
-    // before writing it.
+    // slices; `dst` is a `&mut` and cannot alias the inputs.
+    unsafe {
+        gemm_raw(
+            dst.as_mut_ptr(),
+            ld_dst,
+            lhs,
+            ld_lhs,
+            rhs,
+            ld_rhs,
+            (m, k, n),
+            par,
+        )
+    }
+}
+
+/// `dst += lhs · rhs` through a raw output pointer.
+///
+/// # Safety
+/// `dst` must be valid for writes at `i·ld_dst + j` for every `i < m`, `j < n`, no other
+/// thread may access those elements meanwhile, and `lhs`/`rhs` must hold `m×k` / `k×n`
+/// matrices with the given row strides.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    dst: *mut f32,
+    ld_dst: usize,
+    lhs: &[f32],
+    ld_lhs: usize,
+    rhs: &[f32],
+    ld_rhs: usize,
+    (m, k, n): (usize, usize, usize),
+    par: gemm::Parallelism,
+) {
+    debug_assert!(lhs.len() >= (m - 1) * ld_lhs + k && rhs.len() >= (k - 1) * ld_rhs + n);
+    // SAFETY: as the caller promises; gemm reads `dst` (alpha = 1) before writing it.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             ld_dst as isize,
             true,
@@ -221,6 +288,54 @@ pub fn gemm_acc(
             par,
         );
     }
+}
+
+/// [`gemm_acc`] with the output columns split over `threads` threads: each thread packs
+/// only its share of `rhs`, which is what a product with few rows and a large weight matrix
+/// needs (a 7x7 map against 512 x 2048 weights).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_acc_cols(
+    dst: &mut [f32],
+    ld_dst: usize,
+    lhs: &[f32],
+    ld_lhs: usize,
+    rhs: &[f32],
+    ld_rhs: usize,
+    (m, k, n): (usize, usize, usize),
+    threads: usize,
+) {
+    if threads <= 1 || n < 32 || m == 0 {
+        return gemm_acc(dst, ld_dst, lhs, ld_lhs, rhs, ld_rhs, (m, k, n), 1);
+    }
+    assert!(dst.len() >= (m - 1) * ld_dst + n, "gemm dst too short");
+    assert!(lhs.len() >= (m - 1) * ld_lhs + k, "gemm lhs too short");
+    assert!(rhs.len() >= (k - 1) * ld_rhs + n, "gemm rhs too short");
+    assert!(ld_dst >= n && ld_lhs >= k && ld_rhs >= n);
+    let parts = threads.min(n / 16).max(1);
+    let step = n.div_ceil(parts).div_ceil(16) * 16;
+    /// The output's base pointer, shared by tasks that write disjoint columns.
+    struct Out(*mut f32);
+    // SAFETY: the tasks below write disjoint columns of `dst` only.
+    unsafe impl Sync for Out {}
+    let out = Out(dst.as_mut_ptr());
+    (0..n.div_ceil(step)).into_par_iter().for_each(|b| {
+        let (j0, j1) = (b * step, ((b + 1) * step).min(n));
+        let out = &out;
+        // SAFETY: rows i < m, columns j0..j1 lie inside `dst` (asserted above); each task
+        // owns columns j0..j1 alone; `dst` is borrowed mutably for the whole call.
+        unsafe {
+            gemm_raw(
+                out.0.add(j0),
+                ld_dst,
+                lhs,
+                ld_lhs,
+                &rhs[j0..],
+                ld_rhs,
+                (m, k, j1 - j0),
+                gemm::Parallelism::None,
+            )
+        };
+    });
 }
 
 /// How a convolution is computed, chosen by shape when the program is built.
@@ -387,6 +502,20 @@ impl Conv {
                             );
                             self.epilogue(dst);
                         });
+                } else if threads > 1 {
+                    // Few pixels (a 7x7 or 14x14 map): one product, its output channels
+                    // split over the threads.
+                    gemm_acc_cols(
+                        &mut out.data,
+                        self.o,
+                        &x.data,
+                        self.c,
+                        &self.weight,
+                        self.o,
+                        (m, self.c, self.o),
+                        threads,
+                    );
+                    self.epilogue(&mut out.data);
                 } else {
                     for (dst, src) in out
                         .data
@@ -429,23 +558,49 @@ impl Conv {
                 let og = self.o / self.groups;
                 let kk = self.kh * self.kw * cg;
                 let per_image = ho * wo * self.o;
-                let mut cols = vec![0f32; ho * wo * kk];
+                // Tiles of output rows: each one's im2col block stays in cache, and with
+                // several threads the tiles of one image run in parallel.
+                // At least 256 pixels a tile (a small map is one tile, whose product the
+                // matrix-product crate splits over the threads).
+                let rows = (256 / wo.max(1)).max(1);
+                let gemm_threads = if ho <= rows { threads } else { 1 };
+                let (xh, xw, xc) = (x.h, x.w, x.c);
                 for (img, dst) in out.data.chunks_mut(per_image).enumerate() {
-                    let xi = &x.data[img * x.h * x.w * x.c..(img + 1) * x.h * x.w * x.c];
-                    for g in 0..self.groups {
-                        im2col(xi, (x.h, x.w, x.c), self, g * cg, cg, (ho, wo), &mut cols);
-                        gemm_acc(
-                            &mut dst[g * og..],
-                            self.o,
-                            &cols,
-                            kk,
-                            &self.weight[g * kk * og..(g + 1) * kk * og],
-                            og,
-                            (ho * wo, kk, og),
-                            threads,
-                        );
+                    let xi = &x.data[img * xh * xw * xc..(img + 1) * xh * xw * xc];
+                    let tile = |(t, dtile): (usize, &mut [f32])| {
+                        let oy0 = t * rows;
+                        let n = dtile.len() / (wo * self.o);
+                        COLS.with(|cols| {
+                            let mut cols = cols.borrow_mut();
+                            if cols.len() < n * wo * kk {
+                                cols.resize(n * wo * kk, 0.0);
+                            }
+                            let cols = &mut cols[..n * wo * kk];
+                            for g in 0..self.groups {
+                                im2col(xi, (xh, xw, xc), self, g * cg, cg, (oy0, n, wo), cols);
+                                gemm_acc_cols(
+                                    &mut dtile[g * og..],
+                                    self.o,
+                                    cols,
+                                    kk,
+                                    &self.weight[g * kk * og..(g + 1) * kk * og],
+                                    og,
+                                    (n * wo, kk, og),
+                                    gemm_threads,
+                                );
+                            }
+                        });
+                        self.epilogue(dtile);
+                    };
+                    if threads > 1 && ho > rows {
+                        dst.par_chunks_mut(rows * wo * self.o)
+                            .enumerate()
+                            .for_each(tile);
+                    } else {
+                        dst.chunks_mut(rows * wo * self.o)
+                            .enumerate()
+                            .for_each(tile);
                     }
-                    self.epilogue(dst);
                 }
             }
         }
@@ -453,23 +608,29 @@ impl Conv {
     }
 }
 
-/// im2col of channels `c0..c0+cg` of one NHWC image: `[Ho·Wo, kh·kw·cg]`, rows (ky, kx, ci).
-#[allow(clippy::too_many_arguments)]
+thread_local! {
+    /// The im2col block of the current thread, reused from tile to tile.
+    static COLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// im2col of channels `c0..c0+cg` of one NHWC image, for `n` output rows from `oy0`:
+/// `[n·Wo, kh·kw·cg]`, columns ordered (ky, kx, ci).
 fn im2col(
     x: &[f32],
     (h, w, c): (usize, usize, usize),
     cv: &Conv,
     c0: usize,
     cg: usize,
-    (ho, wo): (usize, usize),
+    (oy0, n, wo): (usize, usize, usize),
     cols: &mut [f32],
 ) {
     let kk = cv.kh * cv.kw * cg;
     let (sh, sw) = cv.stride;
     let (dh, dw) = cv.dilation;
-    for oy in 0..ho {
+    for r in 0..n {
+        let oy = oy0 + r;
         for ox in 0..wo {
-            let row = &mut cols[(oy * wo + ox) * kk..][..kk];
+            let row = &mut cols[(r * wo + ox) * kk..][..kk];
             for ky in 0..cv.kh {
                 let iy = (oy * sh + ky * dh) as isize - cv.pads[0] as isize;
                 for kx in 0..cv.kw {
@@ -529,9 +690,8 @@ unsafe fn depthwise_row_avx2(
     depthwise_row_body::<true>(x, dims, cv, oy, row)
 }
 
-/// Channels per register block of the depthwise kernel: the accumulators of one block stay
-/// in vector registers across all the taps of a pixel.
-const DW_BLOCK: usize = 32;
+/// Channels per vector block of the depthwise kernel (one AVX-512 register).
+const DW_BLOCK: usize = 16;
 
 #[inline(always)]
 fn depthwise_row_body<const FMA: bool>(
@@ -543,61 +703,76 @@ fn depthwise_row_body<const FMA: bool>(
 ) {
     let (sh, sw) = cv.stride;
     let (dh, dw) = cv.dilation;
-    // The rows of the input this output row reads (row offsets, weight tap offsets).
-    let mut taps: [(usize, usize); 64] = [(0, 0); 64];
-    let mut ntaps = 0;
-    let big = cv.kh * cv.kw > 64;
-    for (ox, px) in row.chunks_exact_mut(c).enumerate() {
-        ntaps = 0;
-        if !big {
-            for ky in 0..cv.kh {
-                let iy = (oy * sh + ky * dh) as isize - cv.pads[0] as isize;
-                if iy < 0 || iy >= h as isize {
+    let (pt, pl) = (cv.pads[0], cv.pads[1]);
+    let wo = row.len() / c;
+    // Kernel rows that fall inside the input: (ky, iy).
+    let kys: Vec<(usize, usize)> = (0..cv.kh)
+        .filter_map(|ky| {
+            let iy = (oy * sh + ky * dh) as isize - pt as isize;
+            (iy >= 0 && iy < h as isize).then_some((ky, iy as usize))
+        })
+        .collect();
+    // Output columns whose every tap lies inside the row: no checks there.
+    let span = (cv.kw - 1) * dw;
+    let lo = pl.div_ceil(sw).min(wo);
+    let hi = if w + pl > span {
+        ((w + pl - span - 1) / sw + 1).min(wo)
+    } else {
+        0
+    }
+    .max(lo);
+    let full = c / DW_BLOCK * DW_BLOCK;
+    for ox in 0..wo {
+        let interior = ox >= lo && ox < hi;
+        // Input offsets and weight offsets of this pixel's taps.
+        let mut taps: [(usize, usize); 49] = [(0, 0); 49];
+        let mut n = 0;
+        let small = cv.kh * cv.kw <= 49;
+        for &(ky, iy) in &kys {
+            for kx in 0..cv.kw {
+                let ix = (ox * sw + kx * dw) as isize - pl as isize;
+                if !interior && (ix < 0 || ix >= w as isize) {
                     continue;
                 }
-                for kx in 0..cv.kw {
-                    let ix = (ox * sw + kx * dw) as isize - cv.pads[1] as isize;
-                    if ix < 0 || ix >= w as isize {
-                        continue;
-                    }
-                    taps[ntaps] = ((iy as usize * w + ix as usize) * c, (ky * cv.kw + kx) * c);
-                    ntaps += 1;
+                if small {
+                    taps[n] = ((iy * w + ix as usize) * c, (ky * cv.kw + kx) * c);
+                    n += 1;
                 }
             }
         }
-        if big {
-            // Kernels of more than 64 taps (rare): tap by tap over the channels.
-            for ky in 0..cv.kh {
-                let iy = (oy * sh + ky * dh) as isize - cv.pads[0] as isize;
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
+        let px = &mut row[ox * c..(ox + 1) * c];
+        if !small {
+            // Kernels of more than 49 taps (rare): tap by tap over all channels.
+            for &(ky, iy) in &kys {
                 for kx in 0..cv.kw {
-                    let ix = (ox * sw + kx * dw) as isize - cv.pads[1] as isize;
+                    let ix = (ox * sw + kx * dw) as isize - pl as isize;
                     if ix < 0 || ix >= w as isize {
                         continue;
                     }
-                    let xs = &x[(iy as usize * w + ix as usize) * c..][..c];
-                    let ws = &cv.weight[(ky * cv.kw + kx) * c..][..c];
-                    for ((o, xv), wv) in px.iter_mut().zip(xs).zip(ws) {
-                        *o = if FMA {
-                            xv.mul_add(*wv, *o)
+                    let (xo, wo_) = ((iy * w + ix as usize) * c, (ky * cv.kw + kx) * c);
+                    for i in 0..c {
+                        px[i] = if FMA {
+                            x[xo + i].mul_add(cv.weight[wo_ + i], px[i])
                         } else {
-                            *o + xv * wv
+                            px[i] + x[xo + i] * cv.weight[wo_ + i]
                         };
                     }
                 }
             }
             continue;
         }
-        let taps = &taps[..ntaps];
+        let taps = &taps[..n];
         let mut c0 = 0;
-        while c0 + DW_BLOCK <= c {
-            let mut acc = [0f32; DW_BLOCK];
-            acc.copy_from_slice(&px[c0..c0 + DW_BLOCK]);
-            for &(xo, wo) in taps {
-                let xs = &x[xo + c0..xo + c0 + DW_BLOCK];
-                let ws = &cv.weight[wo + c0..wo + c0 + DW_BLOCK];
+        while c0 < full {
+            // A full block: the accumulator is one register.
+            let out: &mut [f32; DW_BLOCK] = (&mut px[c0..c0 + DW_BLOCK]).try_into().expect("block");
+            let mut acc = *out;
+            for &(xo, wo_) in taps {
+                let xs: &[f32; DW_BLOCK] =
+                    x[xo + c0..xo + c0 + DW_BLOCK].try_into().expect("block");
+                let ws: &[f32; DW_BLOCK] = cv.weight[wo_ + c0..wo_ + c0 + DW_BLOCK]
+                    .try_into()
+                    .expect("block");
                 for i in 0..DW_BLOCK {
                     acc[i] = if FMA {
                         xs[i].mul_add(ws[i], acc[i])
@@ -606,24 +781,21 @@ fn depthwise_row_body<const FMA: bool>(
                     };
                 }
             }
-            px[c0..c0 + DW_BLOCK].copy_from_slice(&acc);
+            *out = acc;
             c0 += DW_BLOCK;
         }
-        if c0 < c {
-            for &(xo, wo) in taps {
-                let xs = &x[xo + c0..xo + c];
-                let ws = &cv.weight[wo + c0..wo + c];
-                for ((o, xv), wv) in px[c0..].iter_mut().zip(xs).zip(ws) {
-                    *o = if FMA {
-                        xv.mul_add(*wv, *o)
+        if full < c {
+            for &(xo, wo_) in taps {
+                for i in full..c {
+                    px[i] = if FMA {
+                        x[xo + i].mul_add(cv.weight[wo_ + i], px[i])
                     } else {
-                        *o + xv * wv
+                        px[i] + x[xo + i] * cv.weight[wo_ + i]
                     };
                 }
             }
         }
     }
-    let _ = ntaps;
 }
 
 /// Max or average pooling on NHWC data, with ONNX's padding and `ceil_mode` semantics.
@@ -755,13 +927,13 @@ pub fn global_pool(x: &Buf, max: bool) -> Buf {
 }
 
 /// `y = act(x · scale + shift)` per channel.
-pub fn affine(x: &mut Buf, scale: &[f32], shift: &[f32], act: Act) {
-    for px in x.data.chunks_exact_mut(x.c) {
+pub fn affine(data: &mut [f32], scale: &[f32], shift: &[f32], act: Act) {
+    for px in data.chunks_exact_mut(scale.len()) {
         for ((v, s), b) in px.iter_mut().zip(scale).zip(shift) {
             *v = *v * s + b;
         }
     }
-    activate(&mut x.data, act);
+    activate(data, act);
 }
 
 /// `x < 0 ? x · slope[k] : x` per channel `k`.
@@ -788,6 +960,20 @@ fn prelu_body(v: &mut [f32], slope: &[f32]) {
     for px in v.chunks_exact_mut(slope.len()) {
         for (x, s) in px.iter_mut().zip(slope) {
             *x = x.max(0.0) + x.min(0.0) * s;
+        }
+    }
+}
+
+/// Layer normalization over each pixel's channels: `(x − mean) / sqrt(var + eps) · scale +
+/// shift`, with the biased variance, as ONNX's LayerNormalization.
+pub fn layer_norm(data: &mut [f32], scale: &[f32], shift: &[f32], eps: f32) {
+    let c = scale.len();
+    for px in data.chunks_exact_mut(c) {
+        let mean = px.iter().sum::<f32>() / c as f32;
+        let var = px.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for ((v, s), b) in px.iter_mut().zip(scale).zip(shift) {
+            *v = (*v - mean) * inv * s + b;
         }
     }
 }

@@ -52,6 +52,8 @@ pub enum Act {
     Tanh,
     /// `x · Φ(x)` with the exact (erf) normal CDF.
     Gelu,
+    /// The error function itself (GELU as exporters decompose it).
+    Erf,
 }
 
 /// A value of a program.
@@ -117,6 +119,14 @@ enum Op {
         max: bool,
     },
     Concat,
+    /// Layer normalization over the channels of each pixel.
+    LayerNorm {
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+        eps: f32,
+    },
+    /// The same buffer under another logical layout (a transpose that moves no data).
+    Alias,
     External(Arc<dyn ExternalOp>),
     Removed,
 }
@@ -146,6 +156,8 @@ impl Op {
             }
             .into(),
             Op::Concat => "Concat".into(),
+            Op::LayerNorm { .. } => "LayerNorm".into(),
+            Op::Alias => "Transpose (no copy)".into(),
             Op::External(e) => e.kind(),
             Op::Removed => "-".into(),
         }
@@ -168,6 +180,8 @@ pub struct Builder {
     values: usize,
     inputs: Vec<ValueId>,
     split: Option<Split>,
+    /// Values whose logical layout (the one external operators see) is `[n, h, w, c]`.
+    channels_last: std::collections::HashSet<ValueId>,
 }
 
 impl Builder {
@@ -279,6 +293,35 @@ impl Builder {
         self.push(name, Op::Concat, xs)
     }
 
+    /// Layer normalization over each pixel's channels, then `· scale + shift`.
+    pub fn layer_norm(
+        &mut self,
+        name: &str,
+        x: ValueId,
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+        eps: f32,
+    ) -> ValueId {
+        self.push(name, Op::LayerNorm { scale, shift, eps }, vec![x])
+    }
+
+    /// `x` seen in the other logical layout: `channels_last` makes external operators see
+    /// `[n, h, w, c]` (a transpose to channels-last that moves no data), else `[n, c, h, w]`.
+    pub fn alias(&mut self, name: &str, x: ValueId, channels_last: bool) -> ValueId {
+        let v = self.push(name, Op::Alias, vec![x]);
+        self.set_channels_last(v, channels_last);
+        v
+    }
+
+    /// Declares the logical layout of a value (default channels-first, `[n, c, h, w]`).
+    pub fn set_channels_last(&mut self, v: ValueId, channels_last: bool) {
+        if channels_last {
+            self.channels_last.insert(v);
+        } else {
+            self.channels_last.remove(&v);
+        }
+    }
+
     /// An operator without a native kernel, with `outputs` results.
     pub fn external(
         &mut self,
@@ -305,6 +348,8 @@ impl Builder {
         }
         self.prune(outputs);
         self.fold_affine(outputs);
+        self.fuse_gelu(outputs);
+        self.prune(outputs);
         self.fuse_gated_activations(outputs);
         self.fuse_residual(outputs);
         self.fuse_activations(outputs);
@@ -387,9 +432,22 @@ impl Builder {
             };
             let x = self.nodes[j].inputs[0];
             let readers = self.readers(outputs);
-            let Some(i) = self.sole_producer(x, &readers, outputs) else {
+            let Some(mut i) = self.sole_producer(x, &readers, outputs) else {
                 continue;
             };
+            // Through a transpose that moves no data: a per-channel map is the same in
+            // either layout (ConvNeXt's layer scale after its channels-last MLP).
+            let mut through_alias = None;
+            if matches!(self.nodes[i].op, Op::Alias) {
+                let y = self.nodes[i].inputs[0];
+                match self.sole_producer(y, &readers, outputs) {
+                    Some(k) if matches!(self.nodes[k].op, Op::Conv(_)) => {
+                        through_alias = Some(i);
+                        i = k;
+                    }
+                    _ => continue,
+                }
+            }
             let affine_outputs = self.nodes[j].outputs.clone();
             let node_i = &mut self.nodes[i];
             let Op::Conv(spec) = &mut node_i.op else {
@@ -410,8 +468,120 @@ impl Builder {
                 spec.bias[o] = spec.bias[o] * s + t;
             }
             spec.act = act;
-            node_i.outputs = affine_outputs;
+            match through_alias {
+                // The convolution keeps its output; the alias now yields the affine's.
+                Some(a) => self.nodes[a].outputs = affine_outputs,
+                None => node_i.outputs = affine_outputs,
+            }
             self.nodes[j].op = Op::Removed;
+        }
+    }
+
+    /// GELU as exporters write it, `0.5 · x · (1 + erf(x / √2))` in five nodes (the 0.5
+    /// applied first or last), → one GELU activation.
+    fn fuse_gelu(&mut self, outputs: &[ValueId]) {
+        // A uniform affine map `x · s + t`: (s, t).
+        let uniform = |op: &Op| -> Option<(f32, f32)> {
+            let Op::Affine {
+                scale,
+                shift,
+                act: Act::None,
+            } = op
+            else {
+                return None;
+            };
+            let (s, t) = (*scale.first()?, *shift.first()?);
+            (scale.iter().all(|v| *v == s) && shift.iter().all(|v| *v == t)).then_some((s, t))
+        };
+        let near = |a: f32, b: f32| (a - b).abs() <= 1e-6 * b.abs().max(1.0);
+        for j in 0..self.nodes.len() {
+            let readers = self.readers(outputs);
+            let producers = self.producers();
+            let node = |v: ValueId| producers.get(&v).map(|&i| (i, &self.nodes[i]));
+            let sole = |v: ValueId| !outputs.contains(&v) && readers.get(&v) == Some(&1);
+            // The last node: Affine(0.5) of Mul(x, p), or Mul(Affine(0.5)(x), p).
+            let (mul, last_is_half) = match &self.nodes[j].op {
+                op if uniform(op).is_some_and(|(s, t)| near(s, 0.5) && t == 0.0) => {
+                    let m = self.nodes[j].inputs[0];
+                    match node(m) {
+                        Some((i, n))
+                            if sole(m)
+                                && matches!(
+                                    n.op,
+                                    Op::Binary {
+                                        op: BinOp::Mul,
+                                        broadcast: false,
+                                        act: Act::None
+                                    }
+                                ) =>
+                        {
+                            (i, true)
+                        }
+                        _ => continue,
+                    }
+                }
+                Op::Binary {
+                    op: BinOp::Mul,
+                    broadcast: false,
+                    act: Act::None,
+                } => (j, false),
+                _ => continue,
+            };
+            let (a, b) = (self.nodes[mul].inputs[0], self.nodes[mul].inputs[1]);
+            // One operand is p = Affine(1, 1)(Erf(Affine(1/√2)(x))); the other is x (or
+            // Affine(0.5)(x) when the Mul is the last node).
+            let mut found = None;
+            for (other, p) in [(a, b), (b, a)] {
+                let Some((ip, np)) = node(p) else { continue };
+                if !sole(p) || !uniform(&np.op).is_some_and(|(s, t)| s == 1.0 && t == 1.0) {
+                    continue;
+                }
+                let e = np.inputs[0];
+                let Some((ie, ne)) = node(e) else { continue };
+                if !sole(e) || !matches!(ne.op, Op::Act(Act::Erf)) {
+                    continue;
+                }
+                let d = ne.inputs[0];
+                let Some((id, nd)) = node(d) else { continue };
+                if !sole(d)
+                    || !uniform(&nd.op)
+                        .is_some_and(|(s, t)| near(s, std::f32::consts::FRAC_1_SQRT_2) && t == 0.0)
+                {
+                    continue;
+                }
+                let x = nd.inputs[0];
+                let mut removed = vec![ip, ie, id];
+                let ok = if last_is_half {
+                    other == x
+                } else {
+                    // other = Affine(0.5)(x), read only here.
+                    match node(other) {
+                        Some((ih, nh))
+                            if sole(other)
+                                && nh.inputs[0] == x
+                                && uniform(&nh.op)
+                                    .is_some_and(|(s, t)| near(s, 0.5) && t == 0.0) =>
+                        {
+                            removed.push(ih);
+                            true
+                        }
+                        _ => false,
+                    }
+                };
+                if ok {
+                    if last_is_half {
+                        removed.push(mul);
+                    }
+                    found = Some((x, removed));
+                    break;
+                }
+            }
+            let Some((x, removed)) = found else { continue };
+            for i in removed {
+                self.nodes[i].op = Op::Removed;
+            }
+            self.nodes[j].op = Op::Act(Act::Gelu);
+            self.nodes[j].inputs = vec![x];
         }
     }
 
@@ -557,6 +727,12 @@ enum Exec {
         max: bool,
     },
     Concat,
+    LayerNorm {
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+        eps: f32,
+    },
+    Alias,
     External(Arc<dyn ExternalOp>),
 }
 
@@ -579,6 +755,8 @@ pub struct Program {
     inputs: Vec<ValueId>,
     outputs: Vec<ValueId>,
     split: Split,
+    /// Per value: its logical layout is `[n, h, w, c]`.
+    channels_last: Vec<bool>,
     profile: Option<Mutex<HashMap<String, (f64, usize)>>>,
 }
 
@@ -588,6 +766,8 @@ pub struct Program {
 struct Slot {
     buf: Option<Arc<Buf>>,
     tensor: Option<Tensor>,
+    /// The tensor form is `[n, h, w, c]` (else `[n, c, h, w]`).
+    channels_last: bool,
 }
 
 impl Program {
@@ -612,6 +792,8 @@ impl Program {
                 Op::Pool(p) => Exec::Pool(p),
                 Op::GlobalPool { max } => Exec::GlobalPool { max },
                 Op::Concat => Exec::Concat,
+                Op::LayerNorm { scale, shift, eps } => Exec::LayerNorm { scale, shift, eps },
+                Op::Alias => Exec::Alias,
                 Op::External(e) => Exec::External(e),
             };
             steps.push(Step {
@@ -648,6 +830,9 @@ impl Program {
             inputs: b.inputs,
             outputs: outputs.to_vec(),
             split: b.split.unwrap_or(Split::Allowed),
+            channels_last: (0..b.values)
+                .map(|v| b.channels_last.contains(&v))
+                .collect(),
             profile,
         })
     }
@@ -749,7 +934,8 @@ impl Program {
                     }
                     other => other,
                 })?;
-            for (&v, s) in step.outputs.iter().zip(outs) {
+            for (&v, mut s) in step.outputs.iter().zip(outs) {
+                s.channels_last = self.channels_last[v];
                 slots[v] = s;
             }
             for &v in &step.frees {
@@ -782,7 +968,7 @@ impl Program {
         let native = |b: Buf| -> Vec<Slot> {
             vec![Slot {
                 buf: Some(Arc::new(b)),
-                tensor: None,
+                ..Slot::default()
             }]
         };
         Ok(match &step.exec {
@@ -802,8 +988,8 @@ impl Program {
                 }
                 outs.into_iter()
                     .map(|t| Slot {
-                        buf: None,
                         tensor: Some(t),
+                        ..Slot::default()
                     })
                     .collect()
             }
@@ -840,13 +1026,13 @@ impl Program {
                     )));
                 }
                 let mut y = take_or_clone(x, &step.frees, step.inputs[0]);
-                kernels::affine(&mut y, scale, shift, *act);
+                per_pixels(&mut y, threads, |d| kernels::affine(d, scale, shift, *act));
                 native(y)
             }
             Exec::Act(act) => {
                 let x = buf_of(&mut slots[step.inputs[0]])?;
                 let mut y = take_or_clone(x, &step.frees, step.inputs[0]);
-                kernels::activate(&mut y.data, *act);
+                per_pixels(&mut y, threads, |d| kernels::activate(d, *act));
                 native(y)
             }
             Exec::PRelu(slope) => {
@@ -859,15 +1045,14 @@ impl Program {
                     )));
                 }
                 let mut y = take_or_clone(x, &step.frees, step.inputs[0]);
-                kernels::prelu(&mut y.data, slope);
+                per_pixels(&mut y, threads, |d| kernels::prelu(d, slope));
                 native(y)
             }
             Exec::Binary { op, act } => {
                 let a = buf_of(&mut slots[step.inputs[0]])?;
                 let b = buf_of(&mut slots[step.inputs[1]])?;
                 let same = (a.n, a.h, a.w, a.c) == (b.n, b.h, b.w, b.c);
-                let bcast = (b.h * b.w == 1 && (b.n, b.c) == (a.n, a.c))
-                    || (a.h * a.w == 1 && (a.n, a.c) == (b.n, b.c));
+                let bcast = (a.n, a.c) == (b.n, b.c) && (b.h * b.w == 1 || a.h * a.w == 1);
                 if !same && !bcast {
                     return Err(FamError::invalid(format!(
                         "operands [{}, {}, {}, {}] and [{}, {}, {}, {}] do not broadcast",
@@ -883,6 +1068,28 @@ impl Program {
             Exec::GlobalPool { max } => {
                 let x = buf_of(&mut slots[step.inputs[0]])?;
                 native(kernels::global_pool(&x, *max))
+            }
+            Exec::LayerNorm { scale, shift, eps } => {
+                let x = buf_of(&mut slots[step.inputs[0]])?;
+                if x.c != scale.len() {
+                    return Err(FamError::invalid(format!(
+                        "{} normalization scales for {} channels",
+                        scale.len(),
+                        x.c
+                    )));
+                }
+                let mut y = take_or_clone(x, &step.frees, step.inputs[0]);
+                per_pixels(&mut y, threads, |d| {
+                    kernels::layer_norm(d, scale, shift, *eps)
+                });
+                native(y)
+            }
+            Exec::Alias => {
+                let x = buf_of(&mut slots[step.inputs[0]])?;
+                vec![Slot {
+                    buf: Some(x),
+                    ..Slot::default()
+                }]
             }
             Exec::Concat => {
                 let parts = step
@@ -967,6 +1174,18 @@ fn flush_denormals(op: &mut Op) {
     }
 }
 
+/// Runs `f` on blocks of whole pixels of `x`, in parallel when there are threads and enough
+/// values to share.
+fn per_pixels(x: &mut Buf, threads: usize, f: impl Fn(&mut [f32]) + Sync + Send) {
+    let len = x.data.len();
+    if threads > 1 && len >= 1 << 15 {
+        let pixels = x.pixels().div_ceil(2 * threads).max(1);
+        x.data.par_chunks_mut(pixels * x.c).for_each(&f);
+    } else {
+        f(&mut x.data);
+    }
+}
+
 /// The value as a buffer that can be written: the value itself when this step is its last
 /// reader and no one else holds it, else a copy.
 fn take_or_clone(x: Arc<Buf>, frees: &[ValueId], v: ValueId) -> Buf {
@@ -986,17 +1205,24 @@ fn buf_of(slot: &mut Slot) -> Result<Arc<Buf>> {
         .tensor
         .as_ref()
         .ok_or_else(|| FamError::invalid("a value was read after it was freed"))?;
-    let dims = match *t.dims() {
-        [n, c, h, w] => (n, c, h, w),
-        [n, c] => (n, c, 1, 1),
-        ref d => {
+    let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let b = match (t.dims(), slot.channels_last) {
+        (&[n, h, w, c], true) => Buf { data, n, h, w, c },
+        (&[n, c, h, w], false) => Buf::from_nchw(&data, (n, c, h, w)),
+        (&[n, c], _) => Buf {
+            data,
+            n,
+            h: 1,
+            w: 1,
+            c,
+        },
+        (d, _) => {
             return Err(FamError::invalid(format!(
                 "a native operator needs a 4-D feature map, got shape {d:?}"
             )))
         }
     };
-    let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let b = Arc::new(Buf::from_nchw(&data, dims));
+    let b = Arc::new(b);
     slot.buf = Some(b.clone());
     Ok(b)
 }
@@ -1010,7 +1236,11 @@ fn tensor_of(slot: &mut Slot) -> Result<Tensor> {
         .buf
         .as_ref()
         .ok_or_else(|| FamError::invalid("a value was read after it was freed"))?;
-    let t = Tensor::from_vec(b.to_nchw(), (b.n, b.c, b.h, b.w), &Device::Cpu)?;
+    let t = if slot.channels_last {
+        Tensor::from_vec(b.data.clone(), (b.n, b.h, b.w, b.c), &Device::Cpu)?
+    } else {
+        Tensor::from_vec(b.to_nchw(), (b.n, b.c, b.h, b.w), &Device::Cpu)?
+    };
     slot.tensor = Some(t.clone());
     Ok(t)
 }

@@ -23,6 +23,9 @@ pub struct Conv4 {
     input_size: u32,
     /// Embedding = the flattened feature map (ProtoNet) instead of its global average pool.
     flatten: bool,
+    /// Inference on fam's engine (CPU, 3-channel input): BatchNorm folded into the
+    /// convolutions, ReLU fused ([`Conv4::for_inference`]).
+    program: Option<std::sync::Arc<fam_nn::engine::Program>>,
 }
 
 /// Names of the layers one can explain at.
@@ -66,7 +69,87 @@ impl Conv4 {
             device: vb.device().clone(),
             input_size,
             flatten: false,
+            program: None,
         })
+    }
+
+    /// Prepares CPU inference on fam's engine: the grayscale mean of the 3-channel input is a
+    /// 1x1 convolution, each block's BatchNorm (running statistics) is folded into its
+    /// convolution and the ReLU fused. Other devices keep candle's modules.
+    pub fn for_inference(mut self) -> Result<Self> {
+        if !self.device.is_cpu() {
+            return Ok(self);
+        }
+        use fam_nn::engine::{Act, Builder, ConvSpec, Pool};
+        let v = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let mut b = Builder::new();
+        let x = b.input();
+        let gray = ConvSpec {
+            weight: vec![1.0 / 3.0; 3],
+            dims: (1, 3, 1, 1),
+            bias: vec![0.0],
+            groups: 1,
+            stride: (1, 1),
+            dilation: (1, 1),
+            pads: [0; 4],
+            act: Act::None,
+            prelu: None,
+        };
+        let mut y = b.conv("gray", x, gray)?;
+        for (i, (conv, bn)) in self.blocks.iter().take(self.depth).enumerate() {
+            let w = conv.weight();
+            let (o, c, kh, kw) = w.dims4()?;
+            let bias = match conv.bias() {
+                Some(t) => v(t)?,
+                None => vec![0.0; o],
+            };
+            let pad = conv.config().padding;
+            let spec = ConvSpec {
+                weight: v(w)?,
+                dims: (o, c, kh, kw),
+                bias,
+                groups: 1,
+                stride: (1, 1),
+                dilation: (1, 1),
+                pads: [pad; 4],
+                act: Act::None,
+                prelu: None,
+            };
+            y = b.conv(&format!("encoder.{i}.conv"), y, spec)?;
+            let (mean, var) = (v(bn.running_mean())?, v(bn.running_var())?);
+            let (gamma, beta) = match bn.weight_and_bias() {
+                Some((g, bb)) => (v(g)?, v(bb)?),
+                None => (vec![1.0; o], vec![0.0; o]),
+            };
+            let eps = bn.eps() as f32;
+            let scale: Vec<f32> = gamma
+                .iter()
+                .zip(&var)
+                .map(|(g, v)| g / (v + eps).sqrt())
+                .collect();
+            let shift: Vec<f32> = beta
+                .iter()
+                .zip(&mean)
+                .zip(&scale)
+                .map(|((bb, m), k)| bb - m * k)
+                .collect();
+            y = b.affine(&format!("encoder.{i}.bn"), y, scale, shift);
+            y = b.act(&format!("encoder.{i}.relu"), y, Act::Relu);
+            if POOLED[i] && i + 1 < self.depth {
+                let pool = Pool {
+                    max: true,
+                    kh: 2,
+                    kw: 2,
+                    stride: (2, 2),
+                    pads: [0; 4],
+                    ceil: false,
+                    count_include_pad: false,
+                };
+                y = b.pool(&format!("encoder.{i}.pool"), y, pool);
+            }
+        }
+        self.program = Some(std::sync::Arc::new(b.build(&[y])?));
+        Ok(self)
     }
 
     /// Uses the flattened feature map as the embedding (ProtoNet's choice: it keeps where
@@ -125,10 +208,15 @@ impl Backbone for Conv4 {
         self.device.clone()
     }
     fn forward(&self, batch: &Tensor) -> Result<Features> {
-        let maps = self.forward_t(batch, false).map_err(|e| FamError::Candle {
-            context: "conv4 forward".into(),
-            source: e,
-        })?;
+        let maps = match &self.program {
+            Some(p) if batch.dims().get(1) == Some(&3) => {
+                p.run(std::slice::from_ref(batch))?.remove(0)
+            }
+            _ => self.forward_t(batch, false).map_err(|e| FamError::Candle {
+                context: "conv4 forward".into(),
+                source: e,
+            })?,
+        };
         if self.flatten {
             let embeddings = maps.flatten_from(1)?;
             Ok(Features { maps, embeddings })
@@ -151,5 +239,47 @@ impl Backbone for Conv4 {
             )));
         }
         Ok(Some((u.reshape((p, c, side, side))?, vec![0.0; d])))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarMap;
+    use fam_core::candle::DType;
+
+    /// The engine program (BatchNorm folded, ReLU fused) gives candle's values, with
+    /// non-trivial BatchNorm statistics.
+    #[test]
+    fn engine_inference_matches_candle_modules() {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let net = Conv4::new(vb, 8, 4, 28).unwrap();
+        for (name, var) in vm.data().lock().unwrap().iter() {
+            let shape = var.as_tensor().dims().to_vec();
+            let t = if name.ends_with("running_var") {
+                Tensor::rand(0.5f32, 2.0, shape.as_slice(), &dev).unwrap()
+            } else {
+                Tensor::randn(0f32, 0.5, shape.as_slice(), &dev).unwrap()
+            };
+            var.set(&t).unwrap();
+        }
+        let x = Tensor::rand(0f32, 1.0, (3, 3, 28, 28), &dev).unwrap();
+        let want = net.forward_t(&x, false).unwrap();
+        let fast = net.clone().for_inference().unwrap();
+        assert!(fast.program.is_some());
+        let got = fast.forward(&x).unwrap().maps;
+        assert_eq!(got.dims(), want.dims());
+        let d: f32 = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let peak: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(d <= 1e-5 * peak.max(1.0), "{d} (peak {peak})");
     }
 }

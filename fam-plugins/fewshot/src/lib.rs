@@ -245,7 +245,8 @@ fn load_conv4(cfg: &BackboneConfig, device: &Device) -> Result<conv4::Conv4> {
     Ok(
         conv4::Conv4::new(vb, opt("hidden", 64), depth, opt("size", 28) as u32)
             .map_err(|e| FamError::weights(path, e.to_string()))?
-            .with_flatten(flatten),
+            .with_flatten(flatten)
+            .for_inference()?,
     )
 }
 

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use fam_core::candle::{Device, Tensor};
+use fam_core::candle::{DType, Device, Tensor};
 use fam_core::weights::StateDict;
 use fam_core::{Backbone, FamError, Features, InputSpec, Result};
 use fam_nn::{Act, ConvBn};
@@ -44,6 +44,9 @@ pub struct ResNet {
     /// conv1 + bn1 + ReLU, then 3x3 max pooling (none in ResNet-12).
     stem: Option<ConvBn>,
     layers: Vec<Vec<Block>>,
+    /// The network on fam's engine (CPU models): residual adds and activations fused into
+    /// the convolutions.
+    program: Option<std::sync::Arc<fam_nn::engine::Program>>,
     device: Device,
     name: String,
     spec: InputSpec,
@@ -172,9 +175,10 @@ impl ResNet {
             layers.push(blocks);
         }
         let per_layer: Vec<String> = layers.iter().map(|l| l.len().to_string()).collect();
-        Ok(Self {
+        Self {
             stem,
             layers,
+            program: None,
             device: device.clone(),
             name: format!(
                 "resnet ({} blocks [{}])@layer{depth}",
@@ -182,7 +186,8 @@ impl ResNet {
                 per_layer.join(", ")
             ),
             spec: InputSpec::imagenet(),
-        })
+        }
+        .on_engine()
     }
 
     /// ResNet-12 of the few-shot literature (MetaOptNet, FEAT, ...): four residual blocks
@@ -229,9 +234,10 @@ impl ResNet {
                 few_shot: true,
             }]);
         }
-        Ok(Self {
+        Self {
             stem: None,
             layers,
+            program: None,
             device: device.clone(),
             name: format!("resnet12@layer{depth}"),
             spec: InputSpec {
@@ -242,11 +248,64 @@ impl ResNet {
                 mean: [0.485, 0.456, 0.406],
                 std: [0.229, 0.224, 0.225],
             },
-        })
+        }
+        .on_engine()
+    }
+
+    /// Builds the engine program of a CPU model (called by the constructors).
+    fn on_engine(mut self) -> Result<Self> {
+        if !self.device.is_cpu() {
+            return Ok(self);
+        }
+        use fam_nn::engine::{Act as EAct, BinOp, Builder, Pool};
+        let spec = |c: &ConvBn, name: &str| {
+            c.engine_spec()
+                .ok_or_else(|| FamError::invalid(format!("{name}: weights not in host memory")))
+        };
+        let max_pool = |k: usize, s: usize, p: usize| Pool {
+            max: true,
+            kh: k,
+            kw: k,
+            stride: (s, s),
+            pads: [p; 4],
+            ceil: false,
+            count_include_pad: false,
+        };
+        let mut b = Builder::new();
+        let mut y = b.input();
+        if let Some(stem) = &self.stem {
+            y = b.conv("conv1", y, spec(stem, "conv1")?)?;
+            y = b.pool("maxpool", y, max_pool(3, 2, 1));
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            for (i, block) in layer.iter().enumerate() {
+                let name = format!("layer{}.{i}", l + 1);
+                let x = y;
+                for (j, c) in block.convs.iter().enumerate() {
+                    y = b.conv(&format!("{name}.conv{}", j + 1), y, spec(c, &name)?)?;
+                }
+                let shortcut = match &block.downsample {
+                    Some(d) => b.conv(&format!("{name}.downsample"), x, spec(d, &name)?)?,
+                    None => x,
+                };
+                y = b.binary(&format!("{name}.add"), BinOp::Add, y, shortcut, false);
+                if block.few_shot {
+                    y = b.act(&format!("{name}.act"), y, EAct::LeakyRelu(0.1));
+                    y = b.pool(&format!("{name}.pool"), y, max_pool(2, 2, 0));
+                } else {
+                    y = b.act(&format!("{name}.act"), y, EAct::Relu);
+                }
+            }
+        }
+        self.program = Some(std::sync::Arc::new(b.build(&[y])?));
+        Ok(self)
     }
 
     /// Feature maps of the last stage run.
     pub fn features(&self, x: &Tensor) -> Result<Tensor> {
+        if let (Some(p), DType::F32) = (&self.program, x.dtype()) {
+            return Ok(p.run(std::slice::from_ref(x))?.remove(0));
+        }
         let Some(stem) = &self.stem else {
             let mut y = x.clone();
             for layer in &self.layers {

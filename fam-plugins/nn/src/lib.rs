@@ -21,6 +21,17 @@ pub enum Act {
     LeakyRelu01,
 }
 
+impl From<Act> for engine::Act {
+    fn from(a: Act) -> Self {
+        match a {
+            Act::None => engine::Act::None,
+            Act::Relu => engine::Act::Relu,
+            Act::Relu6 => engine::Act::Clip(0.0, 6.0),
+            Act::LeakyRelu01 => engine::Act::LeakyRelu(0.1),
+        }
+    }
+}
+
 /// A convolution with its BatchNorm folded in: `y = act(conv(x, W') + b')` with
 /// `W' = W γ/σ`, `b' = β − μ γ/σ`, `σ = sqrt(var + eps)`.
 #[derive(Debug, Clone)]
@@ -33,10 +44,9 @@ pub struct ConvBn {
     padding: usize,
     groups: usize,
     act: Act,
-    /// The same convolution in host memory, for the CPU kernels (CPU models only).
+    /// The same convolution in host memory, for the CPU kernels and the engine (CPU models
+    /// only).
     host: Option<std::sync::Arc<cpu::HostConv>>,
-    /// The same, arranged for channels-last activations (CPU models only).
-    nhwc: Option<std::sync::Arc<cpu::NhwcConv>>,
 }
 
 impl ConvBn {
@@ -100,9 +110,6 @@ impl ConvBn {
             })),
             _ => None,
         };
-        let nhwc = host
-            .as_ref()
-            .map(|h| std::sync::Arc::new(cpu::NhwcConv::new(h.as_ref().clone())));
         Ok(Self {
             weight: weight.to_device(device)?,
             bias: bias.to_device(device)?,
@@ -111,7 +118,6 @@ impl ConvBn {
             groups,
             act,
             host,
-            nhwc,
         })
     }
 
@@ -119,30 +125,25 @@ impl ConvBn {
         self.weight.dims()[0]
     }
 
-    pub fn in_channels(&self) -> usize {
-        self.weight.dims()[1] * self.groups
+    /// This convolution as an engine operator (CPU models only: the folded weights live in
+    /// host memory there).
+    pub fn engine_spec(&self) -> Option<engine::ConvSpec> {
+        let h = self.host.as_ref()?;
+        Some(engine::ConvSpec {
+            weight: h.weight.clone(),
+            dims: (h.out_channels, h.in_per_group, h.k, h.k),
+            bias: h.bias.clone(),
+            groups: h.groups,
+            stride: (h.stride, h.stride),
+            dilation: (1, 1),
+            pads: [h.padding; 4],
+            act: h.act.into(),
+            prelu: None,
+        })
     }
 
-    /// Runs on a channels-last CPU batch `[B, H, W, C]` (f32), returning `[B, Ho, Wo, O]`;
-    /// `threads > 1` splits each image's work, 1 keeps it on the calling thread.
-    pub fn forward_nhwc(&self, x: &Tensor, threads: usize) -> Result<Tensor> {
-        let Some(conv) = &self.nhwc else {
-            return Err(FamError::invalid(
-                "channels-last convolution needs a model loaded on the CPU",
-            ));
-        };
-        let dims = x.dims4()?;
-        if dims.3 != self.in_channels() {
-            return Err(FamError::invalid(format!(
-                "convolution expects {} input channels, got {:?} (NHWC)",
-                self.in_channels(),
-                x.dims()
-            )));
-        }
-        with_host_slice(x, |data| {
-            let (out, shape) = conv.forward(data, dims, threads);
-            Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
-        })
+    pub fn in_channels(&self) -> usize {
+        self.weight.dims()[1] * self.groups
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -275,7 +276,6 @@ mod tests {
                 groups: if dw { c } else { 1 },
                 act,
                 host: None,
-                nhwc: None,
             };
             let x = Tensor::randn(0f32, 1., (3, c, 9, 7), &dev).unwrap();
             let reference = conv.forward(&x).unwrap();

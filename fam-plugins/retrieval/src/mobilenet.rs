@@ -22,6 +22,26 @@ const SETTINGS: [(usize, usize, usize, usize); 7] = [
 /// Number of `features.N` stages: the stem, 17 inverted residual blocks, the last 1x1 conv.
 pub const STAGES: usize = 19;
 
+/// The stages as one engine program (input `[B, 3, H, W]`, output the last stage's maps).
+fn engine_program(stages: &[Stage]) -> Result<fam_nn::engine::Program> {
+    use fam_nn::engine::{BinOp, Builder};
+    let mut b = Builder::new();
+    let mut y = b.input();
+    for (i, st) in stages.iter().enumerate() {
+        let x = y;
+        for (j, l) in st.layers.iter().enumerate() {
+            let spec = l
+                .engine_spec()
+                .ok_or_else(|| FamError::invalid("mobilenet_v2: weights not in host memory"))?;
+            y = b.conv(&format!("features.{i}.{j}"), y, spec)?;
+        }
+        if st.residual {
+            y = b.binary(&format!("features.{i}.add"), BinOp::Add, y, x, false);
+        }
+    }
+    b.build(&[y])
+}
+
 /// Names of the layers one can explain at.
 pub fn layer_names() -> Vec<String> {
     (0..STAGES).map(|i| format!("features.{i}")).collect()
@@ -55,24 +75,15 @@ impl Stage {
         }
         Ok(y)
     }
-
-    /// The same on channels-last CPU activations.
-    fn forward_nhwc(&self, x: &Tensor, threads: usize) -> Result<Tensor> {
-        let mut y = x.clone();
-        for l in &self.layers {
-            y = l.forward_nhwc(&y, threads)?;
-        }
-        if self.residual {
-            y = (y + x)?;
-        }
-        Ok(y)
-    }
 }
 
 /// MobileNetV2 for inference.
 #[derive(Debug, Clone)]
 pub struct MobileNetV2 {
     stages: Vec<Stage>,
+    /// The network on fam's engine (CPU models): BatchNorm folded, activations and residual
+    /// adds fused into the convolutions.
+    program: Option<std::sync::Arc<fam_nn::engine::Program>>,
     classifier: Option<(Tensor, Tensor)>,
     layer: usize,
     device: Device,
@@ -221,8 +232,13 @@ impl MobileNetV2 {
             )),
             _ => None,
         };
+        let program = match device {
+            Device::Cpu => Some(std::sync::Arc::new(engine_program(&stages)?)),
+            _ => None,
+        };
         Ok(Self {
             stages,
+            program,
             classifier,
             layer,
             device: device.clone(),
@@ -253,27 +269,10 @@ impl MobileNetV2 {
     /// each image's activations stay in cache instead of a whole batch's streaming through
     /// memory layer by layer.
     fn features_cpu(&self, x: &Tensor) -> Result<Tensor> {
-        use rayon::prelude::*;
-        let b = x.dims4()?.0;
-        let xt = x.permute((0, 2, 3, 1))?.contiguous()?;
-        let run = |img: Tensor, threads: usize| -> Result<Tensor> {
-            let mut y = img;
-            for s in &self.stages {
-                y = s.forward_nhwc(&y, threads)?;
-            }
-            Ok(y)
-        };
-        let threads = rayon::current_num_threads();
-        let y = if b > 1 && threads > 1 {
-            let outs = (0..b)
-                .into_par_iter()
-                .map(|i| run(xt.narrow(0, i, 1)?, 1))
-                .collect::<Result<Vec<_>>>()?;
-            Tensor::cat(&outs, 0)?
-        } else {
-            run(xt, threads)?
-        };
-        Ok(y.permute((0, 3, 1, 2))?.contiguous()?)
+        match &self.program {
+            Some(p) => Ok(p.run(std::slice::from_ref(x))?.remove(0)),
+            None => Err(FamError::invalid("mobilenet_v2: no CPU program")),
+        }
     }
 
     /// ImageNet logits `[B, 1000]` (only when cut at the last layer and the checkpoint has

@@ -33,7 +33,7 @@ use fam_core::candle::{DType, Device, Tensor};
 use fam_core::{FamError, Result};
 use rayon::prelude::*;
 
-pub use kernels::{BinOp, Buf};
+pub use kernels::{BinOp, Buf, Pool};
 
 /// An activation, applied in the epilogue of the operator that precedes it.
 #[derive(Debug, Clone, Copy, PartialEq)]

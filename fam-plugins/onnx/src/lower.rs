@@ -21,6 +21,71 @@ use fam_nn::engine::{self, Act, BinOp, Builder, ConvSpec, ExternalOp, Program, S
 use crate::graph::Graph;
 use crate::ops;
 
+/// Operators that run on engine kernels when their inputs allow it (constant weights,
+/// 4-D feature maps; see [`lower`]); every other supported operator is interpreted.
+pub const NATIVE: &[&str] = &[
+    "Add",
+    "AveragePool",
+    "BatchNormalization",
+    "Clip",
+    "Concat",
+    "Conv",
+    "Div",
+    "Dropout",
+    "Erf",
+    "Gelu",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "HardSigmoid",
+    "HardSwish",
+    "Identity",
+    "LayerNormalization",
+    "LeakyRelu",
+    "MatMul",
+    "MaxPool",
+    "Mul",
+    "PRelu",
+    "ReduceMean",
+    "Relu",
+    "Sigmoid",
+    "Sub",
+    "Tanh",
+    "Transpose",
+];
+
+/// The supported operators as a Markdown list (docs/performance.md holds this text; a test
+/// keeps the two equal): engine kernels in bold.
+pub fn operators_markdown() -> String {
+    let names: Vec<String> = ops::SUPPORTED
+        .iter()
+        .map(|op| {
+            if NATIVE.contains(op) {
+                format!("**{op}**")
+            } else {
+                op.to_string()
+            }
+        })
+        .collect();
+    let mut out = format!(
+        "{} operators ({} on engine kernels, in bold; the rest interpreted on candle tensors):\n\n",
+        ops::SUPPORTED.len(),
+        NATIVE.len()
+    );
+    let mut line = String::new();
+    for (i, n) in names.iter().enumerate() {
+        let item = if i + 1 < names.len() { format!("{n}, ") } else { format!("{n}.") };
+        if line.len() + item.len() > 92 {
+            out.push_str(line.trim_end());
+            out.push('\n');
+            line.clear();
+        }
+        line.push_str(&item);
+    }
+    out.push_str(line.trim_end());
+    out.push('\n');
+    out
+}
+
 /// A node the engine has no kernel for, run by the interpreter.
 struct OnnxOp {
     node: NodeProto,

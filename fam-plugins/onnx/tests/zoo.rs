@@ -18,7 +18,9 @@ use fam_core::plugin::BackboneConfig;
 use fam_core::Backbone;
 use fam_plugin_onnx::OnnxBackbone;
 
-/// Largest relative difference accepted (max |fam − ort| / max |ort|).
+/// Largest relative difference accepted (max |fam − ort| / max |ort|), unless onnxruntime
+/// itself differs from PyTorch by more on that model (float32 summation order, amplified by
+/// the network: Inception-v3 at 224 px, 1.8e-4); then 1.5 times that difference.
 const TOLERANCE: f32 = 1e-4;
 
 fn zoo_dir() -> PathBuf {
@@ -146,6 +148,7 @@ fn every_zoo_model_matches_onnxruntime() {
             layer: Some(s("features")),
             options,
         };
+        let tol = TOLERANCE.max(1.5 * m["ort_vs_torch_max_rel"].as_f64().unwrap_or(0.0) as f32);
         let result = (|| -> Result<(f32, f32, f32, String), String> {
             let b = OnnxBackbone::load(&cfg, &Device::Cpu).map_err(|e| e.to_string())?;
             let x = npy(&dir.join(s("ref_input")));
@@ -177,9 +180,9 @@ fn every_zoo_model_matches_onnxruntime() {
         match result {
             Ok((a, e, f, native)) => {
                 println!("{name:<36} {a:>9.1e} {e:>9.1e} {f:>9.1e} {native:>8}");
-                if !(a < TOLERANCE && e < TOLERANCE && f < TOLERANCE) {
+                if !(a < tol && e < tol && f < tol) {
                     failures.push(format!(
-                        "{name}: features {a:.1e}, embedding {e:.1e}, FAM map {f:.1e}"
+                        "{name}: features {a:.1e}, embedding {e:.1e}, FAM map {f:.1e} (tolerance {tol:.1e})"
                     ));
                 }
             }

@@ -49,17 +49,19 @@ fn main() {
         let (ho, wo) = conv.out_hw(h, w);
         let flops = 2.0 * (ho * wo * o * cg * k * k) as f64;
         let iters = ((2e9 / flops) as usize).clamp(3, 2000);
-        conv.run(&x, None, 1);
-        let t = Instant::now();
-        for _ in 0..iters {
-            std::hint::black_box(conv.run(&x, None, 1));
+        for threads in [1, rayon::current_num_threads()] {
+            conv.run(&x, None, threads);
+            let t = Instant::now();
+            for _ in 0..iters {
+                std::hint::black_box(conv.run(&x, None, threads));
+            }
+            let ms = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
+            println!(
+                "{name:<28} {:?} {threads} threads {ms:>8.3} ms {:>7.1} GFLOP/s",
+                conv.kernel,
+                flops / ms / 1e6
+            );
         }
-        let ms = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
-        println!(
-            "{name:<28} {:?} {ms:>8.3} ms {:>7.1} GFLOP/s",
-            conv.kernel,
-            flops / ms / 1e6
-        );
     }
     let src: Vec<f32> = (0..1 << 20)
         .map(|i| (i % 200) as f32 * 0.05 - 5.0)

@@ -73,7 +73,11 @@ pub fn operators_markdown() -> String {
     );
     let mut line = String::new();
     for (i, n) in names.iter().enumerate() {
-        let item = if i + 1 < names.len() { format!("{n}, ") } else { format!("{n}.") };
+        let item = if i + 1 < names.len() {
+            format!("{n}, ")
+        } else {
+            format!("{n}.")
+        };
         if line.len() + item.len() > 92 {
             out.push_str(line.trim_end());
             out.push('\n');

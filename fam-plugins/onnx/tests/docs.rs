@@ -13,7 +13,10 @@ fn the_operator_list_in_the_docs_is_the_codes() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/performance.md");
     let text = std::fs::read_to_string(&path).unwrap();
     let (begin, end) = ("<!-- operators:begin -->\n", "<!-- operators:end -->");
-    let start = text.find(begin).expect("docs/performance.md has no operators:begin marker") + begin.len();
+    let start = text
+        .find(begin)
+        .expect("docs/performance.md has no operators:begin marker")
+        + begin.len();
     let stop = text[start..].find(end).expect("no operators:end marker") + start;
     let want = fam_plugin_onnx::lower::operators_markdown();
     assert_eq!(

@@ -913,13 +913,17 @@ impl Program {
                     Ok(Tensor::cat(&parts, 0)?)
                 })
                 .collect()
+        } else if threads > 1 && rayon::current_thread_index().is_none() {
+            // Run on a worker of the pool, so that this thread takes part in the work it
+            // splits (and finds the others awake) instead of waiting for them.
+            rayon::join(|| self.run_one(inputs, batch, threads), || ()).0
         } else {
             self.run_one(inputs, batch, threads)
         }
     }
 
     fn run_one(&self, inputs: &[Tensor], batch: usize, threads: usize) -> Result<Vec<Tensor>> {
-        let _ftz = FlushToZero::on();
+        let _ftz = kernels::FlushToZero::on();
         let mut slots: Vec<Slot> = vec![Slot::default(); self.values];
         for (&v, t) in self.inputs.iter().zip(inputs) {
             slots[v].tensor = Some(t.to_dtype(DType::F32)?);
@@ -1108,44 +1112,6 @@ impl Program {
     }
 }
 
-/// Flush-to-zero and denormals-are-zero on the current thread while it lives (x86-64), as
-/// inference runtimes run: a subnormal activation takes the processor's slow path on every
-/// operation it meets (measured on MobileFaceNet with random inputs: 16 vs 9 ms per image).
-/// Results change by less than f32's smallest normal number, 1.2e-38.
-struct FlushToZero {
-    #[cfg(target_arch = "x86_64")]
-    saved: u32,
-}
-
-impl FlushToZero {
-    fn on() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let mut saved: u32 = 0;
-            // SAFETY: stmxcsr/ldmxcsr read and write the SSE control register of this thread
-            // only; setting FTZ (bit 15) and DAZ (bit 6) changes rounding of subnormals alone.
-            unsafe {
-                std::arch::asm!("stmxcsr [{}]", in(reg) &mut saved, options(nostack));
-                let on = saved | 0x8040;
-                std::arch::asm!("ldmxcsr [{}]", in(reg) &on, options(nostack));
-            }
-            Self { saved }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        Self {}
-    }
-}
-
-impl Drop for FlushToZero {
-    fn drop(&mut self) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: restores the value read in `on`.
-        unsafe {
-            std::arch::asm!("ldmxcsr [{}]", in(reg) &self.saved, options(nostack));
-        }
-    }
-}
-
 /// Sets subnormal parameters to zero. Folding a BatchNorm whose channel was pruned (γ ≈ 0)
 /// leaves weights below f32's normal range, and x86 processors take a slow path on every
 /// multiplication with them: measured on MobileFaceNet, whose 1x1 kernels hold 8,938 such
@@ -1180,7 +1146,10 @@ fn per_pixels(x: &mut Buf, threads: usize, f: impl Fn(&mut [f32]) + Sync + Send)
     let len = x.data.len();
     if threads > 1 && len >= 1 << 15 {
         let pixels = x.pixels().div_ceil(2 * threads).max(1);
-        x.data.par_chunks_mut(pixels * x.c).for_each(&f);
+        x.data.par_chunks_mut(pixels * x.c).for_each(|d| {
+            let _ftz = kernels::FlushToZero::on();
+            f(d)
+        });
     } else {
         f(&mut x.data);
     }

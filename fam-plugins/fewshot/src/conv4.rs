@@ -80,21 +80,11 @@ impl Conv4 {
         if !self.device.is_cpu() {
             return Ok(self);
         }
-        use fam_nn::engine::{Act, Builder, ConvSpec, Pool};
+        use fam_nn::engine::{batch_norm_affine, Act, Builder, ConvSpec, Pool};
         let v = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
         let mut b = Builder::new();
         let x = b.input();
-        let gray = ConvSpec {
-            weight: vec![1.0 / 3.0; 3],
-            dims: (1, 3, 1, 1),
-            bias: vec![0.0],
-            groups: 1,
-            stride: (1, 1),
-            dilation: (1, 1),
-            pads: [0; 4],
-            act: Act::None,
-            prelu: None,
-        };
+        let gray = ConvSpec::new(vec![1.0 / 3.0; 3], (1, 3, 1, 1), vec![0.0]);
         let mut y = b.conv("gray", x, gray)?;
         for (i, (conv, bn)) in self.blocks.iter().take(self.depth).enumerate() {
             let w = conv.weight();
@@ -105,15 +95,8 @@ impl Conv4 {
             };
             let pad = conv.config().padding;
             let spec = ConvSpec {
-                weight: v(w)?,
-                dims: (o, c, kh, kw),
-                bias,
-                groups: 1,
-                stride: (1, 1),
-                dilation: (1, 1),
                 pads: [pad; 4],
-                act: Act::None,
-                prelu: None,
+                ..ConvSpec::new(v(w)?, (o, c, kh, kw), bias)
             };
             y = b.conv(&format!("encoder.{i}.conv"), y, spec)?;
             let (mean, var) = (v(bn.running_mean())?, v(bn.running_var())?);
@@ -121,18 +104,7 @@ impl Conv4 {
                 Some((g, bb)) => (v(g)?, v(bb)?),
                 None => (vec![1.0; o], vec![0.0; o]),
             };
-            let eps = bn.eps() as f32;
-            let scale: Vec<f32> = gamma
-                .iter()
-                .zip(&var)
-                .map(|(g, v)| g / (v + eps).sqrt())
-                .collect();
-            let shift: Vec<f32> = beta
-                .iter()
-                .zip(&mean)
-                .zip(&scale)
-                .map(|((bb, m), k)| bb - m * k)
-                .collect();
+            let (scale, shift) = batch_norm_affine(&gamma, &beta, &mean, &var, bn.eps() as f32);
             y = b.affine(&format!("encoder.{i}.bn"), y, scale, shift);
             y = b.act(&format!("encoder.{i}.relu"), y, Act::Relu);
             if POOLED[i] && i + 1 < self.depth {

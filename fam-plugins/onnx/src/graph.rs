@@ -229,20 +229,7 @@ impl Graph {
                 declared_batch: self.declared_batch,
                 constants: &self.constants,
             };
-            // candle panics on some operator and dtype combinations (e.g. `sqrt` of an
-            // integer tensor): a hostile or odd model gets an error, not a crash.
-            let outs =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ops::eval(&ctx, &get)))
-                    .unwrap_or_else(|p| {
-                        let msg = p
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| p.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
-                        Err(FamError::invalid(format!(
-                            "cannot be evaluated on its inputs ({msg})"
-                        )))
-                    });
+            let outs = ops::eval_guarded(&ctx, &get);
             let outs = outs.map_err(|e| match e {
                 FamError::Weights { .. } => e,
                 other => err(

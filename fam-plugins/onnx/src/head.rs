@@ -84,22 +84,6 @@ struct Statics<'a> {
     dynamic: std::collections::HashSet<String>,
 }
 
-/// [`ops::eval`], with a panic of candle's turned into an error.
-fn eval_guarded(ctx: &ops::Ctx, get: &dyn Fn(&str) -> Result<Tensor>) -> Result<Vec<Tensor>> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ops::eval(ctx, get))).unwrap_or_else(
-        |p| {
-            let msg = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            Err(FamError::invalid(format!(
-                "cannot be evaluated on its inputs ({msg})"
-            )))
-        },
-    )
-}
-
 impl<'a> Statics<'a> {
     fn new(graph: &'a Graph) -> Self {
         let mut producer = HashMap::new();
@@ -205,7 +189,7 @@ impl<'a> Statics<'a> {
                 .cloned()
                 .ok_or_else(|| FamError::invalid(format!("`{n}` missing")))
         };
-        let outs = eval_guarded(&ctx, &get).ok()?;
+        let outs = ops::eval_guarded(&ctx, &get).ok()?;
         for (o, v) in node.output.iter().zip(outs) {
             self.known.insert(o.clone(), v);
         }
@@ -504,7 +488,7 @@ impl Head {
                         .ok_or_else(|| FamError::invalid(format!("`{name}` missing")))
                 }
             };
-            value = eval_guarded(&ctx, &get)
+            value = ops::eval_guarded(&ctx, &get)
                 .map_err(|e| not_linear(node, &format!("it cannot be evaluated ({e})")))?
                 .remove(0)
                 .to_dtype(DType::F32)?;

@@ -129,7 +129,7 @@ impl ExternalOp for OnnxOp {
     }
 }
 
-/// Evaluates one node with the interpreter; a panic inside candle becomes an error.
+/// Evaluates one node with the interpreter ([`ops::eval_guarded`]).
 pub fn eval_node(
     node: &NodeProto,
     batch: usize,
@@ -143,18 +143,7 @@ pub fn eval_node(
         declared_batch,
         constants,
     };
-    let outs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ops::eval(&ctx, get)))
-        .unwrap_or_else(|p| {
-            let msg = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            Err(FamError::invalid(format!(
-                "cannot be evaluated on its inputs ({msg})"
-            )))
-        })?;
-    Ok(outs)
+    ops::eval_guarded(&ctx, get)
 }
 
 /// What the probe pass learned.
@@ -534,17 +523,7 @@ fn lower_with(
                                 weight[ko * c + ci] = wt[ci * k + ko];
                             }
                         }
-                        let spec = ConvSpec {
-                            weight,
-                            dims: (k, c, 1, 1),
-                            bias: vec![0f32; k],
-                            groups: 1,
-                            stride: (1, 1),
-                            dilation: (1, 1),
-                            pads: [0; 4],
-                            act: Act::None,
-                            prelu: None,
-                        };
+                        let spec = ConvSpec::new(weight, (k, c, 1, 1), vec![0f32; k]);
                         out_cl = true;
                         Some(b.conv(&node.name, ids[&x0], spec)?)
                     }
@@ -567,17 +546,7 @@ fn lower_with(
                         {
                             return Err(err(node, format!("parameters do not have {c} channels")));
                         }
-                        let scale: Vec<f32> = s
-                            .iter()
-                            .zip(&v)
-                            .map(|(s, v)| s / (v + eps).sqrt())
-                            .collect();
-                        let shift: Vec<f32> = bias
-                            .iter()
-                            .zip(&m)
-                            .zip(&scale)
-                            .map(|((b, m), k)| b - m * k)
-                            .collect();
+                        let (scale, shift) = engine::batch_norm_affine(&s, &bias, &m, &v, eps);
                         Some(b.affine(&node.name, ids[&x0], scale, shift))
                     }
                     _ => None,
@@ -836,15 +805,11 @@ fn lower_conv(
         return Err(format!("{} biases for {o} output channels", bias.len()));
     }
     let spec = ConvSpec {
-        weight,
-        dims: (o, cg, kh, kw),
-        bias,
         groups: groups as usize,
         stride,
         dilation,
         pads,
-        act: Act::None,
-        prelu: None,
+        ..ConvSpec::new(weight, (o, cg, kh, kw), bias)
     };
     b.conv(&node.name, x, spec)
         .map(Some)

@@ -67,6 +67,22 @@ fn axis(a: i64, rank: usize) -> Result<usize> {
     Ok(v as usize)
 }
 
+/// [`eval`], with a panic of candle's turned into an error: candle panics on some operator
+/// and dtype combinations (e.g. `sqrt` of an integer tensor), and a hostile or odd model
+/// gets an error, not a crash.
+pub fn eval_guarded(ctx: &Ctx, get: &dyn Fn(&str) -> Result<Tensor>) -> Result<Vec<Tensor>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| eval(ctx, get))).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(FamError::invalid(format!(
+            "cannot be evaluated on its inputs ({msg})"
+        )))
+    })
+}
+
 /// Runs one node. `get` returns an input value by name. Returns the node's outputs, in
 /// order, as many as it declares (several for `Split`, `LayerNormalization`). Errors are one
 /// line: no backtraces.

@@ -85,6 +85,47 @@ pub struct ConvSpec {
     pub prelu: Option<Vec<f32>>,
 }
 
+impl ConvSpec {
+    /// A convolution with stride 1, no dilation, no padding, one group and no activation
+    /// (set the other fields with struct update syntax).
+    pub fn new(weight: Vec<f32>, dims: (usize, usize, usize, usize), bias: Vec<f32>) -> Self {
+        Self {
+            weight,
+            dims,
+            bias,
+            groups: 1,
+            stride: (1, 1),
+            dilation: (1, 1),
+            pads: [0; 4],
+            act: Act::None,
+            prelu: None,
+        }
+    }
+}
+
+/// Inference BatchNorm as a per-channel affine map: `scale = γ / sqrt(var + eps)`,
+/// `shift = β − mean · scale`.
+pub fn batch_norm_affine(
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let scale: Vec<f32> = gamma
+        .iter()
+        .zip(var)
+        .map(|(g, v)| g / (v + eps).sqrt())
+        .collect();
+    let shift = beta
+        .iter()
+        .zip(mean)
+        .zip(&scale)
+        .map(|((b, m), k)| b - m * k)
+        .collect();
+    (scale, shift)
+}
+
 /// Whether a program may run the images of a batch one at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {

@@ -2,36 +2,14 @@
 //! fixture (references written by scripts/make-onnx-fixtures.py), run both through the
 //! rewrites and without them, and the real MobileFaceNet with its engine step counts.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{fixtures, npy, rel_err};
 
-use fam_core::candle::{Device, Tensor};
-use fam_core::output::read_npy_f32;
+use std::path::Path;
+
+use fam_core::candle::Device;
 use fam_plugin_onnx::graph::Graph;
 use fam_plugin_onnx::lower;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn npy(path: &Path) -> Tensor {
-    let (shape, data) = read_npy_f32(&std::fs::read(path).unwrap()).unwrap();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-}
-
-/// max |a - b| / max(1, max |b|)
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_dtype(fam_core::candle::DType::F32).unwrap();
-    let diff: f32 = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let scale: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-    diff / scale.max(1.0)
-}
 
 #[test]
 fn operator_fixtures_through_the_engine_match_onnxruntime() {

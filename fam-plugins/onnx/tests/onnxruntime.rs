@@ -1,39 +1,17 @@
 //! fam's ONNX executor against onnxruntime: operator fixtures and the real MobileFaceNet
 //! (references written by scripts/make-onnx-fixtures.py).
 
+mod common;
+use common::{fixtures, npy, rel_err};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use fam_core::candle::{Device, Tensor};
-use fam_core::output::read_npy_f32;
 use fam_core::plugin::BackboneConfig;
 use fam_core::Backbone;
 use fam_plugin_onnx::graph::Graph;
 use fam_plugin_onnx::OnnxBackbone;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn npy(path: &Path) -> Tensor {
-    let (shape, data) = read_npy_f32(&std::fs::read(path).unwrap()).unwrap();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-}
-
-/// max |a - b| / max(1, max |b|)
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let diff: f32 = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let scale: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-    diff / scale.max(1.0)
-}
 
 #[test]
 fn operators_match_onnxruntime() {

@@ -3,7 +3,7 @@
 //! rewrites and without them, and the real MobileFaceNet with its engine step counts.
 
 mod common;
-use common::{fixtures, npy, rel_err};
+use common::{fixtures, npy, op_cases, rel_err};
 
 use std::path::Path;
 
@@ -14,14 +14,7 @@ use fam_plugin_onnx::lower;
 #[test]
 fn operator_fixtures_through_the_engine_match_onnxruntime() {
     let dir = fixtures().join("ops");
-    let mut cases: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| {
-            let n = e.unwrap().file_name().to_string_lossy().into_owned();
-            n.strip_suffix(".onnx").map(String::from)
-        })
-        .collect();
-    cases.sort();
+    let cases = op_cases(&dir);
     assert!(cases.len() >= 19, "{cases:?}");
     let mut failures = Vec::new();
     let mut native_total = 0;

@@ -2,7 +2,7 @@
 //! (references written by scripts/make-onnx-fixtures.py).
 
 mod common;
-use common::{fixtures, npy, rel_err};
+use common::{fixtures, npy, op_cases, rel_err};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,14 +16,7 @@ use fam_plugin_onnx::OnnxBackbone;
 #[test]
 fn operators_match_onnxruntime() {
     let dir = fixtures().join("ops");
-    let mut cases: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| {
-            let n = e.unwrap().file_name().to_string_lossy().into_owned();
-            n.strip_suffix(".onnx").map(String::from)
-        })
-        .collect();
-    cases.sort();
+    let cases = op_cases(&dir);
     assert!(cases.len() >= 90, "{cases:?}");
     // Every case runs; the failures are listed together.
     let mut failures = Vec::new();

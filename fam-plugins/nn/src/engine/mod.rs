@@ -748,33 +748,12 @@ impl Builder {
     }
 }
 
-/// What a step runs.
+/// What a step runs: a convolution with its weights arranged for its kernel, or any other
+/// operator as the graph holds it.
 #[derive(Debug)]
 enum Exec {
     Conv(kernels::Conv),
-    Affine {
-        scale: Vec<f32>,
-        shift: Vec<f32>,
-        act: Act,
-    },
-    Act(Act),
-    PRelu(Vec<f32>),
-    Binary {
-        op: BinOp,
-        act: Act,
-    },
-    Pool(kernels::Pool),
-    GlobalPool {
-        max: bool,
-    },
-    Concat,
-    LayerNorm {
-        scale: Vec<f32>,
-        shift: Vec<f32>,
-        eps: f32,
-    },
-    Alias,
-    External(Arc<dyn ExternalOp>),
+    Op(Op),
 }
 
 #[derive(Debug)]
@@ -826,16 +805,7 @@ impl Program {
                     cv.prelu = s.prelu;
                     Exec::Conv(cv)
                 }
-                Op::PRelu(slope) => Exec::PRelu(slope),
-                Op::Affine { scale, shift, act } => Exec::Affine { scale, shift, act },
-                Op::Act(a) => Exec::Act(a),
-                Op::Binary { op, act, .. } => Exec::Binary { op, act },
-                Op::Pool(p) => Exec::Pool(p),
-                Op::GlobalPool { max } => Exec::GlobalPool { max },
-                Op::Concat => Exec::Concat,
-                Op::LayerNorm { scale, shift, eps } => Exec::LayerNorm { scale, shift, eps },
-                Op::Alias => Exec::Alias,
-                Op::External(e) => Exec::External(e),
+                op => Exec::Op(op),
             };
             steps.push(Step {
                 exec,
@@ -883,7 +853,7 @@ impl Program {
         let native = self
             .steps
             .iter()
-            .filter(|s| !matches!(s.exec, Exec::External(_)))
+            .filter(|s| !matches!(s.exec, Exec::Op(Op::External(_))))
             .count();
         (self.steps.len(), native)
     }
@@ -1017,7 +987,7 @@ impl Program {
             }]
         };
         Ok(match &step.exec {
-            Exec::External(op) => {
+            Exec::Op(Op::External(op)) => {
                 let ins = step
                     .inputs
                     .iter()
@@ -1061,7 +1031,7 @@ impl Program {
                 }
                 native(cv.run(&x, r.as_deref(), threads))
             }
-            Exec::Affine { scale, shift, act } => {
+            Exec::Op(Op::Affine { scale, shift, act }) => {
                 let x = buf_of(&mut slots[step.inputs[0]])?;
                 if x.c != scale.len() {
                     return Err(FamError::invalid(format!(
@@ -1074,13 +1044,13 @@ impl Program {
                 per_pixels(&mut y, threads, |d| kernels::affine(d, scale, shift, *act));
                 native(y)
             }
-            Exec::Act(act) => {
+            Exec::Op(Op::Act(act)) => {
                 let x = buf_of(&mut slots[step.inputs[0]])?;
                 let mut y = take_or_clone(x, &step.frees, step.inputs[0]);
                 per_pixels(&mut y, threads, |d| kernels::activate(d, *act));
                 native(y)
             }
-            Exec::PRelu(slope) => {
+            Exec::Op(Op::PRelu(slope)) => {
                 let x = buf_of(&mut slots[step.inputs[0]])?;
                 if x.c != slope.len() {
                     return Err(FamError::invalid(format!(
@@ -1093,7 +1063,7 @@ impl Program {
                 per_pixels(&mut y, threads, |d| kernels::prelu(d, slope));
                 native(y)
             }
-            Exec::Binary { op, act } => {
+            Exec::Op(Op::Binary { op, act, .. }) => {
                 let a = buf_of(&mut slots[step.inputs[0]])?;
                 let b = buf_of(&mut slots[step.inputs[1]])?;
                 let same = (a.n, a.h, a.w, a.c) == (b.n, b.h, b.w, b.c);
@@ -1106,15 +1076,15 @@ impl Program {
                 }
                 native(kernels::binary(&a, &b, *op, *act))
             }
-            Exec::Pool(p) => {
+            Exec::Op(Op::Pool(p)) => {
                 let x = buf_of(&mut slots[step.inputs[0]])?;
                 native(p.run(&x))
             }
-            Exec::GlobalPool { max } => {
+            Exec::Op(Op::GlobalPool { max }) => {
                 let x = buf_of(&mut slots[step.inputs[0]])?;
                 native(kernels::global_pool(&x, *max))
             }
-            Exec::LayerNorm { scale, shift, eps } => {
+            Exec::Op(Op::LayerNorm { scale, shift, eps }) => {
                 let x = buf_of(&mut slots[step.inputs[0]])?;
                 if x.c != scale.len() {
                     return Err(FamError::invalid(format!(
@@ -1129,14 +1099,18 @@ impl Program {
                 });
                 native(y)
             }
-            Exec::Alias => {
+            Exec::Op(Op::Alias) => {
                 let x = buf_of(&mut slots[step.inputs[0]])?;
                 vec![Slot {
                     buf: Some(x),
                     ..Slot::default()
                 }]
             }
-            Exec::Concat => {
+            Exec::Op(Op::Conv(_) | Op::Removed) => {
+                // Program::new prepares every convolution and drops removed nodes.
+                return Err(FamError::invalid("an unprepared step reached the executor"));
+            }
+            Exec::Op(Op::Concat) => {
                 let parts = step
                     .inputs
                     .iter()

@@ -31,3 +31,16 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     let scale: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
     diff / scale.max(1.0)
 }
+
+/// The operator fixtures (`ops/<case>.onnx`), sorted by name.
+pub fn op_cases(dir: &Path) -> Vec<String> {
+    let mut cases: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            n.strip_suffix(".onnx").map(String::from)
+        })
+        .collect();
+    cases.sort();
+    cases
+}

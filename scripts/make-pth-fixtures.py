@@ -3,7 +3,7 @@
 
 The files reproduce what `torch.save(state_dict)` writes (pickle protocol 2, storages as
 persistent ids, `torch._utils._rebuild_tensor_v2`), so fam's readers can be tested on
-both formats. Output: fam-core/tests/fixtures/tiny_{zip,legacy}.pth
+both formats. Output: fam-plugins/weights/tests/fixtures/tiny_{zip,legacy}.pth
 
     python3 scripts/make-pth-fixtures.py
 """

@@ -12,9 +12,9 @@ mod scaffold;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
-use fam_core::pipeline::LoadedPipeline;
-use fam_core::plugin::PluginHost;
-use fam_core::run::{Progress, RunOptions};
+use fam_engine::pipeline::LoadedPipeline;
+use fam_engine::PluginHost;
+use fam_engine::run::{Progress, RunOptions};
 use fam_core::FamError;
 
 #[derive(Parser)]
@@ -67,8 +67,8 @@ enum Command {
         /// Run only part K of N of the items (pairs, or queries), e.g. for an array job;
         /// writes to `<output>/shard-K-of-N` unless --output is given. `fam-cli merge`
         /// combines the parts.
-        #[arg(long, value_parser = fam_core::pipeline::Shard::parse)]
-        shard: Option<fam_core::pipeline::Shard>,
+        #[arg(long, value_parser = fam_engine::pipeline::Shard::parse)]
+        shard: Option<fam_engine::pipeline::Shard>,
         /// Continue an interrupted run: images whose forward pass the checkpoint in the
         /// output folder holds are not run through the backbone again.
         #[arg(long)]
@@ -133,7 +133,7 @@ enum Command {
         /// For few_shot tasks: explain and score `none` (the similarity to the prototype) or
         /// `others` (its margin over the other classes) instead of the pipeline's setting.
         #[arg(long, value_parser = parse_contrast)]
-        contrast: Option<fam_core::pipeline::Contrast>,
+        contrast: Option<fam_engine::pipeline::Contrast>,
         /// Leave out the occlusion baseline (one forward pass per patch and item).
         #[arg(long)]
         skip_occlusion: bool,
@@ -191,7 +191,7 @@ fn main() -> ExitCode {
             std::process::exit(130);
         }
         eprintln!("interrupted: stopping after the current step (Ctrl-C again to quit now)");
-        fam_core::run::request_interrupt();
+        fam_engine::run::request_interrupt();
     });
     match dispatch(cli) {
         Ok(code) => code,
@@ -246,7 +246,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let (p, mut host) = open_pipeline(&pipeline, &cli.plugin_dirs)?;
             let progress = Bars::new(cli.quiet);
-            let report = fam_core::run::run_pipeline(
+            let report = fam_engine::run::run_pipeline(
                 &p,
                 &mut host,
                 &RunOptions {
@@ -411,7 +411,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Merge { shards, output } => {
-            let r = fam_core::merge::merge(&output, &shards)?;
+            let r = fam_engine::merge::merge(&output, &shards)?;
             eprintln!(
                 "{} shards merged: {} of {} items explained, {} files in {}",
                 r.shards,
@@ -439,13 +439,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut files = Vec::new();
             for i in images {
                 if i.is_dir() {
-                    files.extend(fam_core::pipeline::ImageSet::Folder(i).files()?);
+                    files.extend(fam_engine::pipeline::ImageSet::Folder(i).files()?);
                 } else {
                     files.push(i);
                 }
             }
             let scratch = std::env::temp_dir().join(format!("fam-bench-{}", std::process::id()));
-            let opts = fam_core::bench::BenchOptions {
+            let opts = fam_engine::bench::BenchOptions {
                 run: RunOptions {
                     device,
                     output: None,
@@ -457,13 +457,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 batch_sizes,
                 repeat,
             };
-            let report = fam_core::bench::run_bench(&p, &mut host, &opts, &scratch);
+            let report = fam_engine::bench::run_bench(&p, &mut host, &opts, &scratch);
             let _ = std::fs::remove_dir_all(&scratch);
             let report = report?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", fam_core::bench::table(&report));
+                print!("{}", fam_engine::bench::table(&report));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -479,7 +479,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let (p, mut host) = open_pipeline(&pipeline, &cli.plugin_dirs)?;
-            let opts = fam_core::eval::EvalOptions {
+            let opts = fam_engine::eval::EvalOptions {
                 run: RunOptions {
                     device,
                     output,
@@ -492,17 +492,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 contrast,
                 skip_occlusion,
             };
-            let report = fam_core::eval::run_eval(&p, &mut host, &opts, &Bars::new(cli.quiet))?;
+            let report = fam_engine::eval::run_eval(&p, &mut host, &opts, &Bars::new(cli.quiet))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", fam_core::eval::table(&report));
+                print!("{}", fam_engine::eval::table(&report));
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Convert { input, output } => {
-            let sd = fam_core::weights::load_state_dict(&input)?;
-            fam_core::weights::save_safetensors(&sd, &output)
+            let sd = fam_weights::load_state_dict(&input)?;
+            fam_weights::save_safetensors(&sd, &output)
                 .with_context(|| format!("writing {}", output.display()))?;
             println!(
                 "{}: {} tensors written to {}",
@@ -558,10 +558,10 @@ impl Progress for Bars {
     }
 }
 
-fn parse_contrast(s: &str) -> Result<fam_core::pipeline::Contrast, String> {
+fn parse_contrast(s: &str) -> Result<fam_engine::pipeline::Contrast, String> {
     match s {
-        "none" => Ok(fam_core::pipeline::Contrast::None),
-        "others" => Ok(fam_core::pipeline::Contrast::Others),
+        "none" => Ok(fam_engine::pipeline::Contrast::None),
+        "others" => Ok(fam_engine::pipeline::Contrast::Others),
         _ => Err(format!("`{s}` is not a contrast (none, others)")),
     }
 }

@@ -284,7 +284,7 @@ mod tests {
     fn every_task_has_a_starter_that_parses() {
         for t in TASKS {
             let text = starter(t).unwrap();
-            fam_core::pipeline::LoadedPipeline::parse(Path::new("/x/p.toml"), &text)
+            fam_engine::pipeline::LoadedPipeline::parse(Path::new("/x/p.toml"), &text)
                 .unwrap_or_else(|e| panic!("{t}: {e}"));
         }
         assert!(starter("segmentation").is_err());

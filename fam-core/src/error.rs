@@ -31,7 +31,7 @@ impl Problem {
 impl Problem {
     /// An option a plugin does not know, with the closest known one as a hint.
     pub fn unknown_option(field: impl Into<String>, key: &str, allowed: &[&str]) -> Self {
-        let hint = crate::pipeline::closest(key, allowed)
+        let hint = closest(key, allowed)
             .map(|c| format!("; did you mean `{c}`?"))
             .unwrap_or_default();
         Self::new(field, format!("unknown option `{key}`{hint}"))
@@ -77,6 +77,12 @@ pub enum FamError {
         what: &'static str,
         plugin: String,
         host: String,
+    },
+
+    #[error("plugin {path} was built differently from this fam-cli, so their types cannot cross between them; rebuild the plugin against this fam-core with the same toolchain and features:\n{}", differences.iter().map(|d| format!("  - {d}")).collect::<Vec<_>>().join("\n"))]
+    AbiMismatch {
+        path: PathBuf,
+        differences: Vec<String>,
     },
 
     #[error("plugin `{plugin}` panicked in {method}: {message}")]
@@ -156,4 +162,28 @@ impl<T> CandleContext<T> for std::result::Result<T, candle_core::Error> {
             source,
         })
     }
+}
+
+/// The closest candidate by edit distance, if any is close enough to be a typo.
+pub fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (levenshtein(word, c), *c))
+        .filter(|(d, c)| *d <= (c.len().max(word.len()) / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }

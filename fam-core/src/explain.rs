@@ -15,6 +15,46 @@ use candle_core::Tensor;
 use crate::error::{CandleContext, FamError, Result};
 use crate::traits::Similarity;
 
+/// Embedding transforms used by strong few-shot baselines (SimpleShot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transform {
+    #[default]
+    None,
+    L2n,
+    Cl2n,
+}
+
+impl Transform {
+    /// Applies the transform to an embedding; `center` is the mean for CL2N.
+    pub fn apply(self, e: &[f32], center: &[f32]) -> Vec<f32> {
+        let v: Vec<f32> = match self {
+            Transform::Cl2n => e.iter().zip(center).map(|(a, m)| a - m).collect(),
+            _ => e.to_vec(),
+        };
+        if self == Transform::None {
+            return v;
+        }
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if n > 0.0 {
+            v.iter().map(|x| x / n).collect()
+        } else {
+            v
+        }
+    }
+}
+
+/// What a map explains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Contrast {
+    /// The similarity to the reference.
+    #[default]
+    None,
+    /// The reference's margin over the mean of the competing references.
+    Others,
+}
+
 /// How channel weights are derived from the similarity (DESIGN.md section 1.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -394,7 +434,7 @@ pub struct Side {
 pub struct Target {
     pub reference: Vec<f32>,
     pub others: Vec<Vec<f32>>,
-    pub transform: crate::pipeline::Transform,
+    pub transform: Transform,
     /// The CL2N centre (empty otherwise).
     pub center: Vec<f32>,
 }

@@ -1,36 +1,29 @@
 //! # fam-core
 //!
-//! The model-agnostic heart of fam, the Feature Activation Map framework for explaining
-//! similarity-based CNN embedding models (few-shot, contrastive, retrieval):
+//! The plugin API of fam, the Feature Activation Map framework for explaining
+//! similarity-based CNN embedding models (few-shot, contrastive, retrieval). Every plugin
+//! links this crate, and only this crate of fam's:
 //!
 //! - [`traits`]: the [`Backbone`], [`Similarity`] and [`Renderer`] extension points;
-//! - [`explain`]: the FAM algorithm (channel contributions → weights → maps);
-//! - [`pipeline`]: the TOML pipeline schema and its validation;
-//! - [`plugin`]: the plugin declaration, registrar, panic guards and dynamic loader;
-//! - [`preprocess`]: image decoding and torchvision-compatible preprocessing;
-//! - [`weights`] and [`pickle`]: safetensors and PyTorch checkpoints (zip and legacy);
-//! - [`run`]: running a pipeline end to end; [`output`]: atomic outputs and the manifest.
+//! - [`explain`]: the FAM algorithm (channel contributions → weights → maps) and the
+//!   explanation records renderers receive; [`records`]: the other records they receive;
+//! - [`plugin`]: the declaration, the registrar and the panic guards;
+//! - [`abi`]: the fingerprint the host checks before it calls into a library;
+//! - [`host`]: what the host shares with plugins (interrupt flag, thread count, logging);
+//! - [`output`]: the [`output::OutputSink`] renderers write through;
+//! - [`error`]: the one error type.
 //!
-//! fam-core knows no concrete model: models, metrics and renderers live in plugins.
+//! fam-core knows no concrete model and runs nothing: the application (pipelines, loading,
+//! the run, tasks) is `fam-engine`; models, metrics and renderers live in plugins.
 
-pub mod bench;
-pub mod cache;
-pub mod device;
+pub mod abi;
 pub mod error;
-pub mod eval;
 pub mod explain;
-pub mod fewshot;
-pub mod merge;
+pub mod host;
 pub mod output;
-pub mod pickle;
-pub mod pipeline;
 pub mod plugin;
-pub mod preprocess;
-pub mod report;
-pub mod retrieval;
-pub mod run;
+pub mod records;
 pub mod traits;
-pub mod weights;
 
 pub use candle_core as candle;
 pub use error::{FamError, Problem, Result};

@@ -1,55 +1,37 @@
-//! Plugins: the declaration a plugin library exports, the registrar it fills, the guards
-//! that turn a panic inside a plugin into an error, and the host that finds and loads them.
+//! Plugins: the declaration a plugin library exports, the registrar it fills and the guards
+//! that turn a panic inside a plugin into an error. The host side (finding and loading
+//! libraries) is `fam_engine::loader`.
 //!
 //! A plugin is a `cdylib` that exports one symbol, [`DECLARATION_SYMBOL`], a
-//! [`PluginDeclaration`] whose leading fields are plain C data (ABI version, fam-core version,
-//! rustc version, build features). The host checks all of them before it calls anything in
-//! the library, and refuses a mismatch with an error that names both sides. Plugin objects
-//! are Rust trait objects, so a plugin must be built by the same rustc against the same
-//! fam-core; that is exactly what the declaration checks.
+//! [`PluginDeclaration`] whose layout never changes: a magic tag, the layout number, and a
+//! function returning the library's ABI fingerprint ([`crate::abi`]). The host compares the
+//! fingerprint with its own before it calls anything else, and refuses a mismatch with an
+//! error that names each part that differs.
 //!
 //! Loaded libraries are never unloaded: every object a plugin creates can rely on its code
 //! staying mapped for the life of the process (unloading a Rust library whose thread pools
 //! still run is a crash waiting to happen).
 
-use std::collections::BTreeMap;
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 
 use crate::error::{FamError, Problem, Result};
 use crate::explain::Explanation;
+use crate::host::HostServices;
 use crate::output::OutputSink;
+use crate::records::EvalReport;
 use crate::traits::{Backbone, Features, InputSpec, LayerInfo, Renderer, Similarity};
-
-/// Bumped whenever the declaration or any trait crossing the boundary changes.
-pub const ABI_VERSION: u32 = 3;
-/// The fam-core version a plugin was compiled against.
-pub const CORE_VERSION: &str = env!("CARGO_PKG_VERSION");
-/// The compiler that built this copy of fam-core.
-pub const RUSTC_VERSION: &str = env!("FAM_RUSTC_VERSION");
-/// Build features that change the layout of types crossing the boundary.
-pub const FEATURES: &str = if cfg!(feature = "cuda") {
-    "cuda"
-} else {
-    "cpu"
-};
 
 /// Name of the symbol every plugin library exports.
 pub const DECLARATION_SYMBOL: &[u8] = b"FAM_PLUGIN_DECLARATION\0";
-
-#[doc(hidden)]
-pub const CORE_VERSION_C: &CStr = c_str(concat!(env!("CARGO_PKG_VERSION"), "\0"));
-#[doc(hidden)]
-pub const RUSTC_VERSION_C: &CStr = c_str(concat!(env!("FAM_RUSTC_VERSION"), "\0"));
-#[doc(hidden)]
-pub const FEATURES_C: &CStr = if cfg!(feature = "cuda") {
-    c"cuda"
-} else {
-    c"cpu"
-};
+/// The first bytes of every declaration.
+pub const MAGIC: [u8; 8] = *b"FAMPLUG\0";
+/// The layout of [`PluginDeclaration`]; it has never changed, and the ABI fingerprint, not
+/// this number, covers everything behind it.
+pub const DECLARATION_LAYOUT: u32 = 1;
 
 #[doc(hidden)]
 pub const fn c_str(s: &'static str) -> &'static CStr {
@@ -62,14 +44,13 @@ pub const fn c_str(s: &'static str) -> &'static CStr {
 /// Options table of a pipeline section, checked by the plugin itself.
 pub type Options = toml::Table;
 
-/// What a plugin library exports. The fields before `register` are C data that the host can
-/// read from any library; `register` is called only after they all match.
+/// What a plugin library exports. The host reads `magic` and `layout`, then calls
+/// `fingerprint` (plain C), and calls `register` only if the fingerprints match.
 #[repr(C)]
 pub struct PluginDeclaration {
-    pub abi_version: u32,
-    pub core_version: *const c_char,
-    pub rustc_version: *const c_char,
-    pub features: *const c_char,
+    pub magic: [u8; 8],
+    pub layout: u32,
+    pub fingerprint: extern "C" fn() -> *const c_char,
     pub name: *const c_char,
     pub version: *const c_char,
     pub register: fn(&mut Registrar),
@@ -90,10 +71,9 @@ macro_rules! export_plugin {
         #[no_mangle]
         pub static FAM_PLUGIN_DECLARATION: $crate::plugin::PluginDeclaration =
             $crate::plugin::PluginDeclaration {
-                abi_version: $crate::plugin::ABI_VERSION,
-                core_version: $crate::plugin::CORE_VERSION_C.as_ptr(),
-                rustc_version: $crate::plugin::RUSTC_VERSION_C.as_ptr(),
-                features: $crate::plugin::FEATURES_C.as_ptr(),
+                magic: $crate::plugin::MAGIC,
+                layout: $crate::plugin::DECLARATION_LAYOUT,
+                fingerprint: $crate::abi::fingerprint_c,
                 name: $crate::plugin::c_str(concat!($name, "\0")).as_ptr(),
                 version: $crate::plugin::c_str(concat!(env!("CARGO_PKG_VERSION"), "\0")).as_ptr(),
                 register: __fam_plugin_register,
@@ -101,7 +81,7 @@ macro_rules! export_plugin {
 
         fn __fam_plugin_register(r: &mut $crate::plugin::Registrar) {
             r.set_plugin_name($name);
-            r.install_log_dispatch();
+            r.adopt_host_services();
             if let Err(e) = $crate::plugin::guard($name, "register", || {
                 $register(r);
                 Ok(())
@@ -215,17 +195,34 @@ impl RendererEntry {
 #[derive(Default)]
 pub struct Registrar {
     plugin: String,
-    log: Option<tracing::Dispatch>,
+    services: Option<HostServices>,
     backbones: Vec<BackboneEntry>,
     similarities: Vec<SimilarityEntry>,
     renderers: Vec<RendererEntry>,
     error: Option<FamError>,
 }
 
+/// What a plugin registered, taken by the host.
+#[derive(Debug, Default)]
+pub struct Registered {
+    pub backbones: Vec<BackboneEntry>,
+    pub similarities: Vec<SimilarityEntry>,
+    pub renderers: Vec<RendererEntry>,
+}
+
 impl Registrar {
     /// A registrar for statically linked plugins (tests, embedding fam as a library).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A registrar handing `services` to the plugin (the host, loading a library).
+    #[doc(hidden)]
+    pub fn with_services(services: HostServices) -> Self {
+        Self {
+            services: Some(services),
+            ..Self::default()
+        }
     }
 
     #[doc(hidden)]
@@ -238,16 +235,25 @@ impl Registrar {
         self.error = Some(e);
     }
 
-    /// Forwards the plugin's `tracing` events to the host's subscriber (each library has its
-    /// own copy of `tracing`'s global state).
+    /// Makes the plugin's copies of the shared things the host's ([`crate::host`]).
     #[doc(hidden)]
-    pub fn install_log_dispatch(&self) {
-        if let Some(d) = &self.log {
-            // A `Dispatch` made here registers with this library's callsites; the host's own
-            // `Dispatch` value would not, and every event would be filtered out.
-            let _ =
-                tracing::dispatcher::set_global_default(tracing::Dispatch::new(Forward(d.clone())));
+    pub fn adopt_host_services(&self) {
+        if let Some(s) = &self.services {
+            s.adopt();
         }
+    }
+
+    /// What was registered, or the error registration ended with.
+    #[doc(hidden)]
+    pub fn finish(mut self) -> Result<Registered> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        Ok(Registered {
+            backbones: self.backbones,
+            similarities: self.similarities,
+            renderers: self.renderers,
+        })
     }
 
     /// Registers a backbone kind. `validate` must not load weights.
@@ -265,10 +271,7 @@ impl Registrar {
             validate: Box::new(move |cfg| guarded_validate(&p2, || validate(cfg))),
             create: Box::new(move |cfg, device| {
                 let inner = guard(&plugin, "create backbone", || create(cfg, device))?;
-                Ok(Box::new(GuardedBackbone {
-                    plugin: plugin.clone(),
-                    inner,
-                }))
+                Ok(Box::new(GuardedBackbone::new(&plugin, inner)?))
             }),
         });
     }
@@ -288,10 +291,7 @@ impl Registrar {
             validate: Box::new(move |o| guarded_validate(&p2, || validate(o))),
             create: Box::new(move |o| {
                 let inner = guard(&plugin, "create similarity", || create(o))?;
-                Ok(Box::new(GuardedSimilarity {
-                    plugin: plugin.clone(),
-                    inner,
-                }))
+                Ok(Box::new(GuardedSimilarity::new(&plugin, inner)?))
             }),
         });
     }
@@ -311,51 +311,9 @@ impl Registrar {
             validate: Box::new(move |o| guarded_validate(&p2, || validate(o))),
             create: Box::new(move |o| {
                 let inner = guard(&plugin, "create renderer", || create(o))?;
-                Ok(Box::new(GuardedRenderer {
-                    plugin: plugin.clone(),
-                    inner,
-                }))
+                Ok(Box::new(GuardedRenderer::new(&plugin, inner)?))
             }),
         });
-    }
-}
-
-/// A subscriber that hands everything to the host's dispatcher.
-struct Forward(tracing::Dispatch);
-
-impl tracing::Subscriber for Forward {
-    fn register_callsite(
-        &self,
-        m: &'static tracing::Metadata<'static>,
-    ) -> tracing::subscriber::Interest {
-        self.0.register_callsite(m)
-    }
-    fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
-        self.0.enabled(m)
-    }
-    fn new_span(&self, a: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        self.0.new_span(a)
-    }
-    fn record(&self, id: &tracing::span::Id, v: &tracing::span::Record<'_>) {
-        self.0.record(id, v)
-    }
-    fn record_follows_from(&self, id: &tracing::span::Id, follows: &tracing::span::Id) {
-        self.0.record_follows_from(id, follows)
-    }
-    fn event(&self, e: &tracing::Event<'_>) {
-        self.0.event(e)
-    }
-    fn enter(&self, id: &tracing::span::Id) {
-        self.0.enter(id)
-    }
-    fn exit(&self, id: &tracing::span::Id) {
-        self.0.exit(id)
-    }
-    fn clone_span(&self, id: &tracing::span::Id) -> tracing::span::Id {
-        self.0.clone_span(id)
-    }
-    fn try_close(&self, id: tracing::span::Id) -> bool {
-        self.0.try_close(id)
     }
 }
 
@@ -364,23 +322,41 @@ fn guarded_validate(plugin: &str, f: impl FnOnce() -> Vec<Problem>) -> Vec<Probl
         .unwrap_or_else(|e| vec![Problem::new("plugin", e.to_string())])
 }
 
+/// A plugin's backbone behind panic guards. Its plain values (description, input spec,
+/// device) are asked for once, under a guard, when it is created: a panic there fails the
+/// creation with an error naming the method, and no later call can turn into a default.
 struct GuardedBackbone {
     plugin: String,
     inner: Box<dyn Backbone>,
+    describe: String,
+    input_spec: InputSpec,
+    device: Device,
+}
+
+impl GuardedBackbone {
+    fn new(plugin: &str, inner: Box<dyn Backbone>) -> Result<Self> {
+        let describe = guard(plugin, "Backbone::describe", || Ok(inner.describe()))?;
+        let input_spec = guard(plugin, "Backbone::input_spec", || Ok(inner.input_spec()))?;
+        let device = guard(plugin, "Backbone::device", || Ok(inner.device()))?;
+        Ok(Self {
+            plugin: plugin.to_string(),
+            inner,
+            describe,
+            input_spec,
+            device,
+        })
+    }
 }
 
 impl Backbone for GuardedBackbone {
     fn describe(&self) -> String {
-        guard(&self.plugin, "describe", || Ok(self.inner.describe()))
-            .unwrap_or_else(|e| e.to_string())
+        self.describe.clone()
     }
     fn input_spec(&self) -> InputSpec {
-        // A pure accessor; a panic here is a plugin bug reported by the default spec's use.
-        guard(&self.plugin, "input_spec", || Ok(self.inner.input_spec()))
-            .unwrap_or_else(|_| InputSpec::imagenet())
+        self.input_spec.clone()
     }
     fn device(&self) -> Device {
-        guard(&self.plugin, "device", || Ok(self.inner.device())).unwrap_or(Device::Cpu)
+        self.device.clone()
     }
     fn forward(&self, batch: &Tensor) -> Result<Features> {
         guard(&self.plugin, "Backbone::forward", || {
@@ -397,14 +373,27 @@ impl Backbone for GuardedBackbone {
     }
 }
 
+/// A plugin's similarity behind panic guards; its name is asked for once, at creation.
 struct GuardedSimilarity {
     plugin: String,
     inner: Box<dyn Similarity>,
+    name: String,
+}
+
+impl GuardedSimilarity {
+    fn new(plugin: &str, inner: Box<dyn Similarity>) -> Result<Self> {
+        let name = guard(plugin, "Similarity::name", || Ok(inner.name()))?;
+        Ok(Self {
+            plugin: plugin.to_string(),
+            inner,
+            name,
+        })
+    }
 }
 
 impl Similarity for GuardedSimilarity {
     fn name(&self) -> String {
-        guard(&self.plugin, "name", || Ok(self.inner.name())).unwrap_or_else(|e| e.to_string())
+        self.name.clone()
     }
     fn score(&self, e: &[f32], r: &[f32]) -> Result<f32> {
         guard(&self.plugin, "Similarity::score", || self.inner.score(e, r))
@@ -426,340 +415,45 @@ impl Similarity for GuardedSimilarity {
     }
 }
 
+/// A plugin's renderer behind panic guards; its name and `runs_last` are asked for once,
+/// at creation.
 struct GuardedRenderer {
     plugin: String,
     inner: Box<dyn Renderer>,
+    name: String,
+    runs_last: bool,
+}
+
+impl GuardedRenderer {
+    fn new(plugin: &str, inner: Box<dyn Renderer>) -> Result<Self> {
+        let name = guard(plugin, "Renderer::name", || Ok(inner.name()))?;
+        let runs_last = guard(plugin, "Renderer::runs_last", || Ok(inner.runs_last()))?;
+        Ok(Self {
+            plugin: plugin.to_string(),
+            inner,
+            name,
+            runs_last,
+        })
+    }
 }
 
 impl Renderer for GuardedRenderer {
     fn name(&self) -> String {
-        guard(&self.plugin, "name", || Ok(self.inner.name())).unwrap_or_else(|e| e.to_string())
+        self.name.clone()
     }
     fn render(&self, explanation: &Explanation, out: &mut dyn OutputSink) -> Result<()> {
         guard(&self.plugin, "Renderer::render", || {
             self.inner.render(explanation, out)
         })
     }
-    fn render_eval(
-        &self,
-        report: &crate::eval::EvalReport,
-        out: &mut dyn OutputSink,
-    ) -> Result<()> {
+    fn render_eval(&self, report: &EvalReport, out: &mut dyn OutputSink) -> Result<()> {
         guard(&self.plugin, "Renderer::render_eval", || {
             self.inner.render_eval(report, out)
         })
     }
     fn runs_last(&self) -> bool {
-        guard(&self.plugin, "Renderer::runs_last", || {
-            Ok(self.inner.runs_last())
-        })
-        .unwrap_or(false)
+        self.runs_last
     }
-}
-
-/// What a loaded plugin declared and registered.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct PluginInfo {
-    pub name: String,
-    pub version: String,
-    pub path: PathBuf,
-    pub backbones: Vec<(String, String)>,
-    pub similarities: Vec<(String, String)>,
-    pub renderers: Vec<(String, String)>,
-}
-
-/// Finds, checks and loads plugin libraries, and holds what they registered.
-#[derive(Default)]
-pub struct PluginHost {
-    dirs: Vec<PathBuf>,
-    loaded: BTreeMap<String, PluginInfo>,
-    backbones: Vec<BackboneEntry>,
-    similarities: Vec<SimilarityEntry>,
-    renderers: Vec<RendererEntry>,
-}
-
-impl std::fmt::Debug for PluginHost {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PluginHost")
-            .field("dirs", &self.dirs)
-            .field("loaded", &self.loaded.keys())
-            .finish()
-    }
-}
-
-/// File name of a plugin library on this platform: `metrics` -> `libfam_plugin_metrics.so`.
-pub fn library_file_name(plugin: &str) -> String {
-    format!(
-        "{}fam_plugin_{}{}",
-        std::env::consts::DLL_PREFIX,
-        plugin.replace('-', "_"),
-        std::env::consts::DLL_SUFFIX
-    )
-}
-
-impl PluginHost {
-    /// A host searching `extra_dirs` first, then `FAM_PLUGIN_PATH`, then the folder of the
-    /// running executable.
-    pub fn new(extra_dirs: &[PathBuf]) -> Self {
-        let mut dirs: Vec<PathBuf> = extra_dirs.to_vec();
-        if let Some(p) = std::env::var_os("FAM_PLUGIN_PATH") {
-            dirs.extend(std::env::split_paths(&p).filter(|p| !p.as_os_str().is_empty()));
-        }
-        if let Some(dir) = std::env::current_exe()
-            .ok()
-            .and_then(|e| e.parent().map(Path::to_path_buf))
-        {
-            dirs.push(dir);
-        }
-        let mut seen = std::collections::HashSet::new();
-        dirs.retain(|d| seen.insert(d.clone()));
-        Self {
-            dirs,
-            ..Self::default()
-        }
-    }
-
-    pub fn search_dirs(&self) -> &[PathBuf] {
-        &self.dirs
-    }
-
-    /// Adds plugins linked into this binary (no dynamic loading).
-    pub fn add_static(&mut self, name: &str, register: fn(&mut Registrar)) -> Result<()> {
-        let mut r = Registrar::new();
-        r.set_plugin_name(name);
-        guard(name, "register", || {
-            register(&mut r);
-            Ok(())
-        })?;
-        self.absorb(name, "static", PathBuf::from("<static>"), r)
-    }
-
-    /// Where the library of plugin `name` would be found, if anywhere.
-    pub fn locate(&self, name: &str) -> Option<PathBuf> {
-        let file = library_file_name(name);
-        self.dirs
-            .iter()
-            .map(|d| d.join(&file))
-            .find(|p| p.is_file())
-    }
-
-    /// Loads plugin `name` (once) from the search folders.
-    pub fn load(&mut self, name: &str) -> Result<&PluginInfo> {
-        if self.loaded.contains_key(name) {
-            return Ok(&self.loaded[name]);
-        }
-        let path = self.locate(name).ok_or_else(|| FamError::Plugin {
-            path: PathBuf::from(library_file_name(name)),
-            message: format!(
-                "plugin `{name}` not found in {}; build it with `cargo build --release` or add its folder to `run.plugin_dirs` or FAM_PLUGIN_PATH",
-                self.dirs
-                    .iter()
-                    .map(|d| d.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        })?;
-        let declared = self.load_path(&path)?;
-        if declared != name {
-            return Err(FamError::Plugin {
-                path,
-                message: format!("declares the name `{declared}`, expected `{name}`"),
-            });
-        }
-        Ok(&self.loaded[name])
-    }
-
-    /// Loads the library at `path`, checks its declaration and registers what it provides.
-    /// Returns the plugin's declared name.
-    pub fn load_path(&mut self, path: &Path) -> Result<String> {
-        let perr = |message: String| FamError::Plugin {
-            path: path.to_path_buf(),
-            message,
-        };
-        // SAFETY: loading a library runs its initializers; plugin folders are trusted
-        // configuration, like the PATH.
-        let lib = unsafe { libloading::Library::new(path) }
-            .map_err(|e| perr(format!("cannot load library: {e}")))?;
-        // Never unloaded: see the module docs.
-        let lib: &'static libloading::Library = Box::leak(Box::new(lib));
-        // SAFETY: the symbol is a `PluginDeclaration` whose leading fields are C data.
-        let decl: &'static PluginDeclaration = unsafe {
-            let sym = lib
-                .get::<*const PluginDeclaration>(DECLARATION_SYMBOL)
-                .map_err(|_| {
-                    perr("not a fam plugin: it exports no FAM_PLUGIN_DECLARATION symbol (use fam_core::export_plugin!)".into())
-                })?;
-            &**sym
-        };
-        if decl.abi_version != ABI_VERSION {
-            return Err(FamError::PluginMismatch {
-                path: path.to_path_buf(),
-                what: "plugin ABI version",
-                plugin: decl.abi_version.to_string(),
-                host: ABI_VERSION.to_string(),
-            });
-        }
-        // SAFETY: with a matching ABI version these are NUL-terminated static strings.
-        let text = |p: *const c_char| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
-        for (what, theirs, ours) in [
-            ("fam-core", text(decl.core_version), CORE_VERSION),
-            ("rustc", text(decl.rustc_version), RUSTC_VERSION),
-            ("build features", text(decl.features), FEATURES),
-        ] {
-            if theirs != ours {
-                return Err(FamError::PluginMismatch {
-                    path: path.to_path_buf(),
-                    what,
-                    plugin: theirs,
-                    host: ours.to_string(),
-                });
-            }
-        }
-        let name = text(decl.name);
-        let version = text(decl.version);
-        if let Some(prev) = self.loaded.get(&name) {
-            if prev.path != path {
-                tracing::debug!(plugin = %name, kept = %prev.path.display(), skipped = %path.display(), "plugin already loaded");
-            }
-            return Ok(name);
-        }
-        let mut r = Registrar {
-            log: Some(tracing::dispatcher::get_default(|d| d.clone())),
-            ..Registrar::default()
-        };
-        (decl.register)(&mut r);
-        if let Some(e) = r.error.take() {
-            return Err(e);
-        }
-        tracing::debug!(plugin = %name, version = %version, path = %path.display(), "plugin loaded");
-        self.absorb(&name, &version, path.to_path_buf(), r)?;
-        Ok(name)
-    }
-
-    fn absorb(&mut self, name: &str, version: &str, path: PathBuf, r: Registrar) -> Result<()> {
-        let kinds = |v: Vec<(&String, &String)>| {
-            v.into_iter()
-                .map(|(a, b)| (a.clone(), b.clone()))
-                .collect::<Vec<_>>()
-        };
-        let info = PluginInfo {
-            name: name.to_string(),
-            version: version.to_string(),
-            path,
-            backbones: kinds(
-                r.backbones
-                    .iter()
-                    .map(|e| (&e.kind, &e.description))
-                    .collect(),
-            ),
-            similarities: kinds(
-                r.similarities
-                    .iter()
-                    .map(|e| (&e.kind, &e.description))
-                    .collect(),
-            ),
-            renderers: kinds(
-                r.renderers
-                    .iter()
-                    .map(|e| (&e.kind, &e.description))
-                    .collect(),
-            ),
-        };
-        self.backbones.extend(r.backbones.into_iter().map(|mut e| {
-            e.plugin = name.to_string();
-            e
-        }));
-        self.similarities
-            .extend(r.similarities.into_iter().map(|mut e| {
-                e.plugin = name.to_string();
-                e
-            }));
-        self.renderers.extend(r.renderers.into_iter().map(|mut e| {
-            e.plugin = name.to_string();
-            e
-        }));
-        self.loaded.insert(name.to_string(), info);
-        Ok(())
-    }
-
-    /// Every plugin library in the search folders, loaded, with its info or its error.
-    pub fn discover(&mut self) -> Vec<(PathBuf, Result<PluginInfo>)> {
-        let prefix = format!("{}fam_plugin_", std::env::consts::DLL_PREFIX);
-        let mut out = Vec::new();
-        let mut seen_files = std::collections::HashSet::new();
-        for dir in self.dirs.clone() {
-            let Ok(rd) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            let mut paths: Vec<PathBuf> = rd
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.file_name().is_some_and(|n| {
-                        let n = n.to_string_lossy();
-                        n.starts_with(&prefix) && n.ends_with(std::env::consts::DLL_SUFFIX)
-                    })
-                })
-                .collect();
-            paths.sort();
-            for p in paths {
-                let file = p.file_name().map(|f| f.to_os_string());
-                if !seen_files.insert(file) {
-                    continue;
-                }
-                let r = self.load_path(&p).map(|name| self.loaded[&name].clone());
-                out.push((p, r));
-            }
-        }
-        out
-    }
-
-    pub fn plugins(&self) -> impl Iterator<Item = &PluginInfo> {
-        self.loaded.values()
-    }
-
-    pub fn backbone(&self, plugin: &str, kind: &str) -> Result<&BackboneEntry> {
-        find(&self.backbones, "backbone", plugin, kind, |e| {
-            (&e.plugin, &e.kind)
-        })
-    }
-
-    pub fn similarity(&self, plugin: &str, kind: &str) -> Result<&SimilarityEntry> {
-        find(&self.similarities, "similarity", plugin, kind, |e| {
-            (&e.plugin, &e.kind)
-        })
-    }
-
-    pub fn renderer(&self, plugin: &str, kind: &str) -> Result<&RendererEntry> {
-        find(&self.renderers, "renderer", plugin, kind, |e| {
-            (&e.plugin, &e.kind)
-        })
-    }
-}
-
-fn find<'a, E>(
-    entries: &'a [E],
-    what: &'static str,
-    plugin: &str,
-    kind: &str,
-    key: impl Fn(&E) -> (&String, &String),
-) -> Result<&'a E> {
-    entries
-        .iter()
-        .find(|e| {
-            let (p, k) = key(e);
-            p == plugin && k == kind
-        })
-        .ok_or_else(|| FamError::UnknownKind {
-            what,
-            name: format!("{plugin}::{kind}"),
-            available: entries
-                .iter()
-                .map(|e| {
-                    let (p, k) = key(e);
-                    format!("{p}::{k}")
-                })
-                .collect(),
-        })
 }
 
 #[cfg(test)]
@@ -782,19 +476,34 @@ mod tests {
         }
     }
 
-    fn register(r: &mut Registrar) {
+    struct NoName;
+    impl Similarity for NoName {
+        fn name(&self) -> String {
+            panic!("no name")
+        }
+        fn score(&self, _: &[f32], _: &[f32]) -> Result<f32> {
+            Ok(0.0)
+        }
+        fn contributions(&self, _: &[f32], _: &[f32]) -> Result<Vec<f32>> {
+            Ok(vec![])
+        }
+        fn gradient(&self, _: &[f32], _: &[f32]) -> Result<Vec<f32>> {
+            Ok(vec![])
+        }
+    }
+
+    fn registered() -> Registered {
+        let mut r = Registrar::new();
+        r.set_plugin_name("test");
         r.similarity("boom", "panics", |_| vec![], |_| Ok(Box::new(Boom)));
+        r.similarity("noname", "panics in name", |_| vec![], |_| Ok(Box::new(NoName)));
+        r.finish().unwrap()
     }
 
     #[test]
     fn panics_in_plugin_methods_become_errors() {
-        let mut host = PluginHost::default();
-        host.add_static("test", register).unwrap();
-        let sim = host
-            .similarity("test", "boom")
-            .unwrap()
-            .create(&Options::new())
-            .unwrap();
+        let r = registered();
+        let sim = r.similarities[0].create(&Options::new()).unwrap();
         let err = sim.score(&[1.0], &[1.0]).unwrap_err();
         assert!(
             err.to_string()
@@ -804,19 +513,12 @@ mod tests {
     }
 
     #[test]
-    fn unknown_kind_lists_what_exists() {
-        let mut host = PluginHost::default();
-        host.add_static("test", register).unwrap();
-        let err = host.similarity("test", "cosine").unwrap_err();
+    fn a_panic_in_a_plain_value_method_is_an_error_not_a_default() {
+        let r = registered();
+        let err = r.similarities[1].create(&Options::new()).err().unwrap();
         assert_eq!(
             err.to_string(),
-            "no similarity named `test::cosine` (available: test::boom)"
+            "plugin `test` panicked in Similarity::name: no name"
         );
-    }
-
-    #[test]
-    fn library_names_follow_the_platform() {
-        let n = library_file_name("metrics");
-        assert!(n.contains("fam_plugin_metrics"));
     }
 }

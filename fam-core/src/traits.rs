@@ -135,7 +135,7 @@ pub trait Renderer: Send + Sync {
     /// insertion curves). The default writes nothing.
     fn render_eval(
         &self,
-        _report: &crate::eval::EvalReport,
+        _report: &crate::records::EvalReport,
         _out: &mut dyn OutputSink,
     ) -> Result<()> {
         Ok(())

@@ -24,7 +24,7 @@ pairs = []
 /// The fields serde expects where `text` has the unknown key `zzz_unknown`, from its error
 /// ("unknown field `zzz_unknown`, expected one of `a`, `b`"): the schema itself, not a copy.
 fn expected_fields(text: &str) -> BTreeSet<String> {
-    let err = toml::from_str::<fam_core::pipeline::Pipeline>(text)
+    let err = toml::from_str::<fam_engine::pipeline::Pipeline>(text)
         .err()
         .unwrap_or_else(|| panic!("`zzz_unknown` accepted in:\n{text}"))
         .to_string();
@@ -178,12 +178,12 @@ fn the_reference_examples_validate_and_use_every_key() {
         .filter(|b| b.starts_with("[run]"))
         .collect();
     assert_eq!(examples.len(), 4, "one complete example per task");
-    let mut host = fam_core::plugin::PluginHost::new(&[plugin_dir()]);
+    let mut host = fam_engine::PluginHost::new(&[plugin_dir()]);
     let mut used: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (i, text) in examples.iter().enumerate() {
         // Paths in the examples are relative to `pipelines/`, like the shipped pipelines.
         let path = root().join(format!("pipelines/reference-example-{i}.toml"));
-        let p = fam_core::pipeline::LoadedPipeline::parse(&path, text)
+        let p = fam_engine::pipeline::LoadedPipeline::parse(&path, text)
             .unwrap_or_else(|e| panic!("example {i}: {e}\n{text}"));
         let problems = p.validate(&mut host, None);
         assert!(problems.is_empty(), "example {i}: {problems:?}\n{text}");

@@ -31,7 +31,7 @@ fn protonet_classifies_novel_digits_with_class_specific_maps() {
         let pred = p["predicted"].as_str().unwrap();
         let (shape, map) = read_npy(&out.join(format!("maps/{stem}_class-{pred}_a_up.npy")));
         assert_eq!(shape, vec![28, 28]);
-        let img = fam_core::preprocess::load_rgb8(q).unwrap();
+        let img = fam_engine::preprocess::load_rgb8(q).unwrap();
         let stroke: Vec<bool> = img.data.chunks(3).map(|px| px[0] > 80).collect();
         let total: f32 = map.iter().sum();
         if total > 0.0 {

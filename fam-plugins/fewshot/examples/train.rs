@@ -470,7 +470,7 @@ fn main() -> R<()> {
 fn check(dev: &Device) -> R<()> {
     use fam_core::Backbone;
     let data = load_mnist()?;
-    let sd = fam_core::weights::load_state_dict(
+    let sd = fam_weights::load_state_dict(
         &root().join("models/fewshot/protonet_conv4_mnist.safetensors"),
     )?;
     let vb = VarBuilder::from_tensors(sd, DType::F32, dev);
@@ -478,8 +478,8 @@ fn check(dev: &Device) -> R<()> {
     let dir = root().join("data/digits/episode");
     let spec = model.input_spec();
     let load = |p: PathBuf| -> R<Vec<f32>> {
-        let img = fam_core::preprocess::load_rgb8(&p)?;
-        let prep = fam_core::preprocess::prepare(&img, &spec)?;
+        let img = fam_engine::preprocess::load_rgb8(&p)?;
+        let prep = fam_engine::preprocess::prepare(&img, &spec)?;
         Ok(prep.chw[..PIX].to_vec())
     };
     let png = load(dir.join("support/5/5_0.png"))?;

@@ -196,7 +196,7 @@ pub fn load_resnet(cfg: &BackboneConfig, device: &Device) -> Result<resnet::ResN
         .get("prefix")
         .and_then(|v| v.as_str())
         .unwrap_or("");
-    let sd = resnet::strip_prefix(fam_core::weights::load_state_dict(path)?, prefix);
+    let sd = resnet::strip_prefix(fam_weights::load_state_dict(path)?, prefix);
     if cfg.kind == "resnet12" {
         let mut keys = Vec::new();
         for l in 1..=depth {
@@ -234,7 +234,7 @@ fn load_conv4(cfg: &BackboneConfig, device: &Device) -> Result<conv4::Conv4> {
         .map_err(FamError::invalid)?;
     let opt =
         |k: &str, d: i64| cfg.options.get(k).and_then(|v| v.as_integer()).unwrap_or(d) as usize;
-    let sd = fam_core::weights::load_state_dict(path)?;
+    let sd = fam_weights::load_state_dict(path)?;
     check_keys(&sd, &conv4_keys(), &["projection."], path)?;
     let sd: HashMap<String, Tensor> = sd
         .into_iter()

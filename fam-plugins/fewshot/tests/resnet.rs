@@ -63,13 +63,13 @@ fn resnets_match_onnxruntime() {
 #[test]
 fn a_prefixed_checkpoint_loads_with_the_prefix_option_and_names_missing_keys_without() {
     // Rewrite the fixture with MoCo's `module.encoder_q.` prefix.
-    let sd = fam_core::weights::load_state_dict(&fixture("resnet_basic.safetensors")).unwrap();
+    let sd = fam_weights::load_state_dict(&fixture("resnet_basic.safetensors")).unwrap();
     let prefixed: std::collections::HashMap<String, Tensor> = sd
         .into_iter()
         .map(|(k, v)| (format!("module.encoder_q.{k}"), v))
         .collect();
     let path = std::env::temp_dir().join(format!("fam-moco-{}.safetensors", std::process::id()));
-    fam_core::weights::save_safetensors(&prefixed, &path).unwrap();
+    fam_weights::save_safetensors(&prefixed, &path).unwrap();
     let mut cfg = BackboneConfig {
         kind: "resnet18".into(),
         weights: Some(path.clone()),

@@ -7,7 +7,7 @@ pub mod cpu;
 pub mod engine;
 
 use fam_core::candle::{DType, Device, IndexOp, Tensor};
-use fam_core::weights::{self, StateDict};
+use fam_weights::{self as weights, StateDict};
 use fam_core::{FamError, Result};
 use std::path::Path;
 

@@ -110,7 +110,7 @@ pub fn validate_config(cfg: &BackboneConfig) -> Vec<Problem> {
                     if !g.has_value(layer) {
                         let values = g.values();
                         let names: Vec<&str> = values.iter().map(|(n, _)| n.as_str()).collect();
-                        let hint = fam_core::pipeline::closest(layer, &names)
+                        let hint = fam_core::error::closest(layer, &names)
                             .map(|c| format!("; did you mean `{c}`?"))
                             .unwrap_or_default();
                         out.push(Problem::new(

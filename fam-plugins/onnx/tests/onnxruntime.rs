@@ -109,11 +109,11 @@ fn head_contributions_add_up_to_the_models_cosine_score() {
     let prepared: Vec<_> = ["gallery/astronaut.png", "queries/astronaut_relit.png"]
         .iter()
         .map(|f| {
-            let img = fam_core::preprocess::load_rgb8(&faces.join(f)).unwrap();
-            fam_core::preprocess::prepare(&img, &spec).unwrap()
+            let img = fam_engine::preprocess::load_rgb8(&faces.join(f)).unwrap();
+            fam_engine::preprocess::prepare(&img, &spec).unwrap()
         })
         .collect();
-    let x = fam_core::preprocess::batch_tensor(&prepared.iter().collect::<Vec<_>>(), &Device::Cpu)
+    let x = fam_engine::preprocess::batch_tensor(&prepared.iter().collect::<Vec<_>>(), &Device::Cpu)
         .unwrap();
     let f = b.forward(&x).unwrap();
     let z: Vec<Vec<f32>> = f.embeddings.to_vec2().unwrap();

@@ -1,6 +1,6 @@
 //! The plot of `fam-cli eval`'s mean deletion and insertion curves (`eval-curves.png`).
 
-use fam_core::eval::EvalReport;
+use fam_core::records::EvalReport;
 use fam_core::Result;
 
 use crate::draw::Canvas;

@@ -1,10 +1,11 @@
-//! `html`: `index.html`, the report page (`fam_core::report`) beside the run's other files.
+//! `html`: `index.html`, the report page (`page.rs`) beside the run's other files.
 //! It runs after the other renderers and links only the files they wrote.
 
 use fam_core::explain::Explanation;
 use fam_core::output::OutputSink;
 use fam_core::plugin::Options;
-use fam_core::report::{page, ReportData};
+use crate::page::page;
+use fam_core::records::ReportData;
 use fam_core::{Renderer, Result};
 
 /// The `html` renderer.

@@ -12,6 +12,7 @@
 mod curves;
 mod draw;
 pub mod html;
+pub mod page;
 
 use fam_core::explain::{Comparison, Explanation, SaliencyMap, Side};
 use fam_core::output::{npy_f32, OutputSink};
@@ -181,7 +182,7 @@ impl Renderer for Panel {
     }
     fn render_eval(
         &self,
-        report: &fam_core::eval::EvalReport,
+        report: &fam_core::records::EvalReport,
         out: &mut dyn OutputSink,
     ) -> Result<()> {
         out.write("eval-curves.png", &curves::plot(report)?)

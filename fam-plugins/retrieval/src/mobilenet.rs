@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use fam_core::candle::{DType, Device, Tensor};
-use fam_core::weights::{self, StateDict};
+use fam_weights::{self as weights, StateDict};
 use fam_core::{Backbone, FamError, Features, InputSpec, Problem, Result};
 
 use fam_nn::{Act, ConvBn};
@@ -99,7 +99,7 @@ pub fn parse_layer(layer: &str) -> std::result::Result<usize, String> {
         .ok_or_else(|| {
             let names = layer_names();
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-            let hint = fam_core::pipeline::closest(layer, &refs)
+            let hint = fam_core::error::closest(layer, &refs)
                 .map(|c| format!("; did you mean `{c}`?"))
                 .unwrap_or_default();
             format!(

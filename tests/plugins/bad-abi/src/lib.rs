@@ -1,14 +1,38 @@
-//! Declares a plugin ABI version this host does not speak; the host must refuse it before
-//! calling anything.
+//! A plugin built as if with another candle feature set: its ABI fingerprint says candle
+//! was compiled with `cuda` (this machine cannot compile that build, so the declaration says
+//! it by hand, exactly as such a build's fingerprint would). The host must refuse it before
+//! calling anything but the fingerprint, naming the part that differs.
 
-use fam_core::plugin::{PluginDeclaration, Registrar};
+use std::ffi::{c_char, CString};
+use std::sync::OnceLock;
+
+use fam_core::plugin::{PluginDeclaration, Registrar, DECLARATION_LAYOUT, MAGIC};
+
+extern "C" fn fingerprint() -> *const c_char {
+    static F: OnceLock<CString> = OnceLock::new();
+    F.get_or_init(|| {
+        let real = fam_core::abi::fingerprint();
+        let changed = real
+            .lines()
+            .map(|l| {
+                if l.starts_with("candle-core features: ") {
+                    "candle-core features: cuda".to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        CString::new(changed).unwrap()
+    })
+    .as_ptr()
+}
 
 #[no_mangle]
 pub static FAM_PLUGIN_DECLARATION: PluginDeclaration = PluginDeclaration {
-    abi_version: 999,
-    core_version: fam_core::plugin::CORE_VERSION_C.as_ptr(),
-    rustc_version: fam_core::plugin::RUSTC_VERSION_C.as_ptr(),
-    features: fam_core::plugin::FEATURES_C.as_ptr(),
+    magic: MAGIC,
+    layout: DECLARATION_LAYOUT,
+    fingerprint,
     name: c"test_bad_abi".as_ptr(),
     version: c"0.0.0".as_ptr(),
     register,

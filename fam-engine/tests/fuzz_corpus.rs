@@ -17,17 +17,17 @@ fn run(target: &str, data: &[u8]) {
     match target {
         "pipeline" => {
             let text = String::from_utf8_lossy(data);
-            if let Ok(p) = fam_core::pipeline::LoadedPipeline::parse(&name, &text) {
-                let _ = p.validate(&mut fam_core::plugin::PluginHost::new(&[]), None);
+            if let Ok(p) = fam_engine::pipeline::LoadedPipeline::parse(&name, &text) {
+                let _ = p.validate(&mut fam_engine::PluginHost::new(&[]), None);
             }
         }
         "checkpoint" => {
-            let _ = fam_core::weights::state_dict_from_bytes(data, &name);
+            let _ = fam_weights::state_dict_from_bytes(data, &name);
         }
         "image" => {
-            if let Ok(img) = fam_core::preprocess::decode_rgb8(data, &name) {
+            if let Ok(img) = fam_engine::preprocess::decode_rgb8(data, &name) {
                 let _ =
-                    fam_core::preprocess::prepare(&img, &fam_core::traits::InputSpec::imagenet());
+                    fam_engine::preprocess::prepare(&img, &fam_core::traits::InputSpec::imagenet());
             }
         }
         _ => panic!("unknown fuzz target {target}"),
@@ -62,14 +62,14 @@ fn the_seed_inputs_are_valid() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
     for path in inputs(&root.join("checkpoint")) {
         let data = std::fs::read(&path).unwrap();
-        fam_core::weights::state_dict_from_bytes(&data, &path).unwrap();
+        fam_weights::state_dict_from_bytes(&data, &path).unwrap();
     }
     for path in inputs(&root.join("image")) {
         let data = std::fs::read(&path).unwrap();
-        fam_core::preprocess::decode_rgb8(&data, &path).unwrap();
+        fam_engine::preprocess::decode_rgb8(&data, &path).unwrap();
     }
     for path in inputs(&root.join("pipeline")) {
         let text = std::fs::read_to_string(&path).unwrap();
-        fam_core::pipeline::LoadedPipeline::parse(&path, &text).unwrap();
+        fam_engine::pipeline::LoadedPipeline::parse(&path, &text).unwrap();
     }
 }

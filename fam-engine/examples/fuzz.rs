@@ -13,8 +13,8 @@
 
 use std::path::{Path, PathBuf};
 
-use fam_core::pipeline::LoadedPipeline;
-use fam_core::plugin::PluginHost;
+use fam_engine::pipeline::LoadedPipeline;
+use fam_engine::PluginHost;
 use fam_core::traits::InputSpec;
 
 #[path = "../../fuzz/engine.rs"]
@@ -34,11 +34,11 @@ fn main() {
             }
         }
         "checkpoint" => {
-            let _ = fam_core::weights::state_dict_from_bytes(data, &name);
+            let _ = fam_weights::state_dict_from_bytes(data, &name);
         }
         "image" => {
-            if let Ok(img) = fam_core::preprocess::decode_rgb8(data, &name) {
-                let _ = fam_core::preprocess::prepare(&img, &spec);
+            if let Ok(img) = fam_engine::preprocess::decode_rgb8(data, &name) {
+                let _ = fam_engine::preprocess::prepare(&img, &spec);
             }
         }
         other => {

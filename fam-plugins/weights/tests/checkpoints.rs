@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use fam_core::weights::{load_state_dict, save_safetensors};
+use fam_weights::{load_state_dict, save_safetensors};
 
 fn fixture(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -11,7 +11,7 @@ fn fixture(name: &str) -> std::path::PathBuf {
         .join(name)
 }
 
-fn check(sd: &fam_core::weights::StateDict) {
+fn check(sd: &fam_weights::StateDict) {
     assert_eq!(sd.len(), 4);
     let w = sd["layer.w"].to_vec2::<f32>().unwrap();
     assert_eq!(w, vec![vec![0.5, -1.0, 2.0], vec![3.25, 4.0, -5.5]]);

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::error::{FamError, Result};
-use crate::explain::{rank_key, Comparison, Explanation, ImageRecord, Side, Target};
+use fam_core::error::{FamError, Result};
+use fam_core::explain::{rank_key, Comparison, Explanation, ImageRecord, Side, Target};
 use crate::output::{OutputDir, OutputSink};
 use crate::pipeline::{labelled_images, ClassifyMethod, Contrast, TaskSection, Transform};
 use crate::run::{ms, Embedded, Failure, MapJob, TaskContext, UniqueIds};

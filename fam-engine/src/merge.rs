@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::error::{FamError, Result};
+use fam_core::error::{FamError, Result};
 use crate::output::{write_atomic, OutputDir, OutputSink};
 
 /// What `merge` produced.
@@ -141,7 +141,7 @@ pub fn merge(output: &Path, shards: &[PathBuf]) -> Result<MergeReport> {
 
     let mut out = OutputDir::create(output)?;
     let mut docs: BTreeMap<String, Vec<(PathBuf, Value)>> = BTreeMap::new();
-    let mut pages: Vec<(String, crate::report::ReportData)> = Vec::new();
+    let mut pages: Vec<(String, fam_core::records::ReportData)> = Vec::new();
     for (dir, m) in &manifests {
         for f in m["files"].as_array().into_iter().flatten() {
             let rel = f["path"].as_str().unwrap_or_default();
@@ -149,7 +149,7 @@ pub fn merge(output: &Path, shards: &[PathBuf]) -> Result<MergeReport> {
             if rel == "index.html" {
                 // The report page is written again below, from every shard's data.
                 let html = std::fs::read_to_string(&src).map_err(|e| FamError::io(&src, e))?;
-                let data = crate::report::ReportData::from_page(&html)
+                let data = temporary_from_page(&html)
                     .map_err(|e| FamError::invalid(format!("{}: {e}", src.display())))?;
                 pages.push((f["by"].as_str().unwrap_or("html").to_string(), data));
                 continue;
@@ -183,7 +183,7 @@ pub fn merge(output: &Path, shards: &[PathBuf]) -> Result<MergeReport> {
             .collect();
         let files = out.written_files();
         out.set_writer(by);
-        out.write("index.html", crate::report::page(&data, &files).as_bytes())?;
+        out.write("index.html", temporary_page(&data, &files).as_bytes())?;
     }
 
     // The manifest: the first shard's facts, with summed numbers and all files and failures.
@@ -239,6 +239,9 @@ pub fn merge(output: &Path, shards: &[PathBuf]) -> Result<MergeReport> {
         files: out.written().len() + 1,
     })
 }
+
+fn temporary_from_page(_: &str) -> Result<fam_core::records::ReportData> { todo!() }
+fn temporary_page(_: &fam_core::records::ReportData, _: &[String]) -> String { todo!() }
 
 #[cfg(test)]
 mod tests {

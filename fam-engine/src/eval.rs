@@ -19,11 +19,11 @@
 //!
 //! Every variant image of an item goes through the backbone in batches.
 
-use candle_core::Tensor;
+use fam_core::candle::Tensor;
 
-use crate::error::{FamError, Result};
-use crate::explain::{Rgb8, Target};
-use crate::traits::{Backbone, InputSpec, Similarity};
+use fam_core::error::{FamError, Result};
+use fam_core::explain::{Rgb8, Target};
+use fam_core::traits::{Backbone, InputSpec, Similarity};
 
 /// Faithfulness of one map.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -131,7 +131,7 @@ fn scores(
         let e: Vec<Vec<f32>> = backbone
             .forward(&t)?
             .embeddings
-            .to_dtype(candle_core::DType::F32)?
+            .to_dtype(fam_core::candle::DType::F32)?
             .flatten_from(1)?
             .to_vec2()?;
         for ei in &e {
@@ -262,7 +262,7 @@ pub fn occlusion_map(
             }
         }
     }
-    Ok(crate::explain::min_max(&map))
+    Ok(fam_core::explain::min_max(&map))
 }
 
 /// A centred Gaussian prior (sigma a quarter of the side), in [0, 1].
@@ -299,9 +299,25 @@ pub fn random_map(w: usize, h: usize, seed: u64) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::explain::tests::Dot;
-    use crate::traits::{Features, ResizePolicy};
-    use candle_core::Device;
+
+    /// The dot product, whose contributions and gradient are obvious.
+    struct Dot;
+    impl Similarity for Dot {
+        fn name(&self) -> String {
+            "dot".into()
+        }
+        fn score(&self, e: &[f32], r: &[f32]) -> Result<f32> {
+            Ok(e.iter().zip(r).map(|(a, b)| a * b).sum())
+        }
+        fn contributions(&self, e: &[f32], r: &[f32]) -> Result<Vec<f32>> {
+            Ok(e.iter().zip(r).map(|(a, b)| a * b).collect())
+        }
+        fn gradient(&self, _e: &[f32], r: &[f32]) -> Result<Vec<f32>> {
+            Ok(r.to_vec())
+        }
+    }
+    use fam_core::traits::{Features, ResizePolicy};
+    use fam_core::candle::Device;
 
     /// A model whose embedding is (mean of the left half, 1): only the left half matters.
     struct LeftHalf;
@@ -434,37 +450,7 @@ impl Default for EvalOptions {
     }
 }
 
-/// The mean faithfulness of one method.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct MethodSummary {
-    pub method: String,
-    pub items: usize,
-    /// Items with a non-positive score, left out of Average Drop and the `s_k / s` curves.
-    pub skipped: usize,
-    pub average_drop: f32,
-    pub increase_in_confidence: f32,
-    pub deletion_auc: f32,
-    pub insertion_auc: f32,
-    /// With each curve rescaled between the blurred (0) and unmodified (1) image.
-    pub deletion_auc_range: f32,
-    pub insertion_auc_range: f32,
-    pub mean_deletion: Vec<f32>,
-    pub mean_insertion: Vec<f32>,
-}
-
-/// What `fam-cli eval` measured.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct EvalReport {
-    pub pipeline: String,
-    pub backbone: String,
-    pub similarity: String,
-    /// What the scores are: `similarity`, or `margin over the other classes`.
-    pub target: String,
-    pub steps: usize,
-    pub summaries: Vec<MethodSummary>,
-    /// Per item and method.
-    pub items: Vec<serde_json::Value>,
-}
+pub use fam_core::records::{EvalReport, MethodSummary};
 
 /// The methods of a run, in table order. `few_shot` tasks add FAM with the other
 /// `contrast`, scored on the same target.
@@ -493,11 +479,11 @@ pub fn methods(task: &crate::pipeline::TaskSection, skip_occlusion: bool) -> Vec
 /// rank 2, ...).
 pub fn run_eval(
     p: &crate::pipeline::LoadedPipeline,
-    host: &mut crate::plugin::PluginHost,
+    host: &mut crate::loader::PluginHost,
     opts: &EvalOptions,
     progress: &dyn crate::run::Progress,
 ) -> Result<EvalReport> {
-    use crate::explain::Weighting;
+    use fam_core::explain::Weighting;
     use crate::pipeline::{Contrast, TaskSection};
     let mut p = p.clone();
     if let Some(m) = &opts.metric {
@@ -576,7 +562,7 @@ pub fn run_eval(
             "nothing to evaluate: the task produced no maps of images",
         ));
     }
-    let side_of = |e: &crate::explain::Explanation, ci: usize, side: usize| {
+    let side_of = |e: &fam_core::explain::Explanation, ci: usize, side: usize| {
         e.comparisons.get(ci).map(|c| {
             if side == 0 {
                 c.query.clone()

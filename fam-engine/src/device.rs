@@ -1,8 +1,8 @@
 //! Devices: `cpu`, `cuda`, `cuda:N`. CUDA needs a build with the `cuda` feature.
 
-use candle_core::Device;
+use fam_core::candle::Device;
 
-use crate::error::{FamError, Result};
+use fam_core::error::{FamError, Result};
 
 /// A device named in a pipeline or on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,63 +6,21 @@
 
 use std::fmt::Write as _;
 
-use crate::error::{FamError, Result};
-use crate::explain::{Explanation, RunInfo};
+#[cfg(test)]
+use fam_core::error::{FamError, Result};
+use fam_core::records::{ReportData, ReportRow};
 
-/// What the page shows, embedded in it as JSON (`<script id="fam-report-data">`).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ReportData {
-    pub title: String,
-    pub info: RunInfo,
-    pub comparisons: Vec<ReportRow>,
-}
-
-/// One comparison on the page.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ReportRow {
-    pub id: String,
-    pub query: String,
-    pub reference: String,
-    pub score: f32,
-    pub distance: Option<f32>,
-    pub group: Option<String>,
-    pub rank: Option<usize>,
-}
-
-impl ReportData {
-    /// The data of an explanation; the title defaults to the task and backbone.
-    pub fn new(title: Option<&str>, e: &Explanation) -> Self {
-        Self {
-            title: title
-                .map(String::from)
-                .unwrap_or_else(|| format!("fam: {} with {}", e.info.task, e.info.backbone)),
-            info: e.info.clone(),
-            comparisons: e
-                .comparisons
-                .iter()
-                .map(|c| ReportRow {
-                    id: c.id.clone(),
-                    query: c.query.label.clone(),
-                    reference: c.reference.label.clone(),
-                    score: c.score,
-                    distance: c.distance,
-                    group: c.group.clone(),
-                    rank: c.rank,
-                })
-                .collect(),
-        }
-    }
-
-    /// The data embedded in a page this module wrote.
-    pub fn from_page(html: &str) -> Result<Self> {
+/// The data embedded in a page [`page`] wrote (for tests: `fam-cli merge` builds the merged
+/// page from the runs' manifests, never from their pages).
+#[cfg(test)]
+fn data_from_page(html: &str) -> Result<ReportData> {
         let json = html
             .split(DATA_OPEN)
             .nth(1)
             .and_then(|rest| rest.split("</script>").next())
             .ok_or_else(|| FamError::invalid("not a fam report page: no embedded data"))?;
         serde_json::from_str(json)
-            .map_err(|e| FamError::invalid(format!("fam report page: bad embedded data: {e}")))
-    }
+        .map_err(|e| FamError::invalid(format!("fam report page: bad embedded data: {e}")))
 }
 
 const DATA_OPEN: &str = "<script type=\"application/json\" id=\"fam-report-data\">";
@@ -254,6 +212,7 @@ pub fn page(data: &ReportData, files: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fam_core::explain::RunInfo;
 
     #[test]
     fn escapes_markup() {
@@ -285,7 +244,7 @@ mod tests {
             }],
         };
         let html = page(&data, &["panels/pair-01_a_vs_b.png".into()]);
-        assert_eq!(ReportData::from_page(&html).unwrap(), data);
+        assert_eq!(data_from_page(&html).unwrap(), data);
         assert!(html.contains("<td class=\"num\">0.1235</td>"));
         assert!(!html.contains("a</script>"));
     }

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::error::{FamError, Result};
+use fam_core::error::{FamError, Result};
 use crate::output::{npy_f32, read_npy_f32, write_atomic};
-use crate::traits::InputSpec;
+use fam_core::traits::InputSpec;
 
 /// The cache folder of one model configuration.
 #[derive(Debug, Clone)]

@@ -3,11 +3,11 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use fam_core::candle::{Device, Tensor};
 
-use crate::error::{FamError, Result};
-use crate::explain::Rgb8;
-use crate::traits::{InputSpec, ResizePolicy};
+use fam_core::error::{FamError, Result};
+use fam_core::explain::Rgb8;
+use fam_core::traits::{InputSpec, ResizePolicy};
 
 /// Largest image side accepted, and the most memory one decode may take: a decompression
 /// bomb is refused before it is decoded.

@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::error::{FamError, Problem, Result};
-use crate::explain::Weighting;
-use crate::plugin::{BackboneConfig, Options, PluginHost};
-use crate::traits::{InputSpec, ResizePolicy};
+use fam_core::error::{FamError, Problem, Result};
+use fam_core::explain::Weighting;
+use crate::loader::PluginHost;
+use fam_core::plugin::{BackboneConfig, Options};
+use fam_core::traits::{InputSpec, ResizePolicy};
 
 /// A whole pipeline file.
 #[derive(Debug, Clone, Deserialize)]
@@ -276,45 +277,7 @@ impl Shard {
     }
 }
 
-/// Embedding transforms used by strong few-shot baselines (SimpleShot).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Transform {
-    #[default]
-    None,
-    L2n,
-    Cl2n,
-}
-
-impl Transform {
-    /// Applies the transform to an embedding; `center` is the mean for CL2N.
-    pub fn apply(self, e: &[f32], center: &[f32]) -> Vec<f32> {
-        let v: Vec<f32> = match self {
-            Transform::Cl2n => e.iter().zip(center).map(|(a, m)| a - m).collect(),
-            _ => e.to_vec(),
-        };
-        if self == Transform::None {
-            return v;
-        }
-        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-        if n > 0.0 {
-            v.iter().map(|x| x / n).collect()
-        } else {
-            v
-        }
-    }
-}
-
-/// What a map explains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Contrast {
-    /// The similarity to the reference.
-    #[default]
-    None,
-    /// The reference's margin over the mean of the competing references.
-    Others,
-}
+pub use fam_core::explain::{Contrast, Transform};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -817,29 +780,7 @@ fn describe_toml_error(e: &toml::de::Error) -> String {
     }
 }
 
-/// The closest candidate by edit distance, if any is close enough to be a typo.
-pub fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
-    candidates
-        .iter()
-        .map(|c| (levenshtein(word, c), *c))
-        .filter(|(d, c)| *d <= (c.len().max(word.len()) / 3).max(1))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, c)| c)
-}
-
-fn levenshtein(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != *cb);
-            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()]
-}
+pub use fam_core::error::closest;
 
 #[cfg(test)]
 mod tests {

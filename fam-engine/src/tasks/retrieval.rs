@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Tensor;
+use fam_core::candle::Tensor;
 
 use crate::cache::{sha256_hex, FeatureCache};
-use crate::error::{CandleContext, FamError, Result};
-use crate::explain::{rank_key, Comparison, Explanation, ImageRecord, Side, Target};
+use fam_core::error::{CandleContext, FamError, Result};
+use fam_core::explain::{rank_key, Comparison, Explanation, ImageRecord, Side, Target};
 use crate::output::{OutputDir, OutputSink};
 use crate::pipeline::TaskSection;
 use crate::preprocess::{self, Prepared};
@@ -170,7 +170,7 @@ pub(crate) fn run_retrieval(
                 let shape = m.dims().to_vec();
                 let data: Vec<f32> = m
                     .flatten_all()?
-                    .to_dtype(candle_core::DType::F32)?
+                    .to_dtype(fam_core::candle::DType::F32)?
                     .to_vec1()?;
                 c.put_maps(&gallery[hit_ids[h]].key, &shape, &data)?;
             }

@@ -5,7 +5,7 @@
 //! that names it. Every length read from the file is checked against the bytes left before
 //! anything is allocated.
 
-use crate::error::{FamError, Result};
+use fam_core::error::{FamError, Result};
 
 /// A storage referenced by a persistent id: its key, element type and element count.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,14 +1,16 @@
-//! Loading model weights: safetensors, PyTorch zip `.pth`/`.pt`, and PyTorch's legacy
+//! fam-weights: loading model weights: safetensors, PyTorch zip `.pth`/`.pt`, and PyTorch's legacy
 //! (pre-1.6, non-zip) `.pth` format, whose reader `candle_core::pickle` lacks.
+
+pub mod pickle;
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use fam_core::candle::{DType, Device, Tensor};
 
-use crate::error::{FamError, Result};
-use crate::pickle::{self, StorageType, TensorRef, Value};
+use fam_core::error::{FamError, Result};
+use crate::pickle::{StorageType, TensorRef, Value};
 
 /// Named tensors on the CPU, as stored.
 pub type StateDict = HashMap<String, Tensor>;
@@ -30,7 +32,7 @@ pub fn state_dict_from_bytes(data: &[u8], path: &Path) -> Result<StateDict> {
     } else if data.len() >= 2 && data[0] == 0x80 {
         load_legacy(data).map_err(|e| werr(strip(e)))?
     } else if data.len() >= 9 && data[8] == b'{' {
-        candle_core::safetensors::load_buffer(data, &Device::Cpu).map_err(|e| {
+        fam_core::candle::safetensors::load_buffer(data, &Device::Cpu).map_err(|e| {
             // candle appends a backtrace when RUST_BACKTRACE is set: keep the message.
             let msg = e.to_string();
             werr(format!(
@@ -59,7 +61,7 @@ fn check_finite(sd: &StateDict) -> std::result::Result<(), String> {
             continue;
         }
         let values: Vec<f32> = t
-            .to_dtype(candle_core::DType::F32)
+            .to_dtype(fam_core::candle::DType::F32)
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1())
             .map_err(|e| format!("tensor `{name}`: {e}"))?;
@@ -290,7 +292,7 @@ fn to_tensor(name: &str, t: &TensorRef, bytes: &[u8]) -> Result<Tensor> {
 /// Writes a state dict as safetensors (used to convert checkpoints).
 pub fn save_safetensors(tensors: &StateDict, path: &Path) -> Result<()> {
     let tmp = path.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(tensors, &tmp)
+    fam_core::candle::safetensors::save(tensors, &tmp)
         .map_err(|e| FamError::weights(path, e.to_string()))?;
     std::fs::rename(&tmp, path).map_err(|e| FamError::io(path, e))
 }

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::error::{FamError, Result};
+use fam_core::error::{FamError, Result};
 use crate::pipeline::{LoadedPipeline, PairSpec, TaskSection};
 use crate::run::{run_with_session, Checkpointing, NoProgress, RunOptions, Session, Timings};
 
@@ -93,7 +93,7 @@ fn stage_images(images: &[PathBuf], count: usize, dir: &Path) -> Result<Vec<Pair
 /// Runs the benchmark. `scratch` receives the image copies and the runs' outputs.
 pub fn run_bench(
     p: &LoadedPipeline,
-    host: &mut crate::plugin::PluginHost,
+    host: &mut crate::loader::PluginHost,
     opts: &BenchOptions,
     scratch: &Path,
 ) -> Result<BenchReport> {

@@ -5,20 +5,20 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use fam_core::candle::{Device, Tensor};
 
 use crate::cache::FeatureCache;
-use crate::error::{CandleContext, FamError, Result};
-use crate::explain::{
+use fam_core::error::{CandleContext, FamError, Result};
+use fam_core::explain::{
     channel_weights, contrast_raw, embedding_weights, fam_raw, fam_raw_spatial,
     normalize_contributions, Comparison, Explanation, ImageRecord, Map2, RunInfo, SaliencyMap,
     Side, Target, Weighting,
 };
 use crate::output::{safe_stem, write_atomic, OutputDir};
 use crate::pipeline::{LoadedPipeline, TaskSection};
-use crate::plugin::PluginHost;
+use crate::loader::PluginHost;
 use crate::preprocess::{self, Prepared};
-use crate::traits::{Backbone, InputSpec, Renderer, Similarity};
+use fam_core::traits::{Backbone, InputSpec, Renderer, Similarity};
 
 /// Progress reporting; the CLI draws bars, a library user may ignore it.
 pub trait Progress: Sync {
@@ -81,22 +81,7 @@ pub struct Counts {
     pub files_reused: usize,
 }
 
-static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Asks the run to stop at the next safe point (between batches, before a file is written).
-/// `fam-cli` calls this from its Ctrl-C handler.
-pub fn request_interrupt() {
-    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
-}
-
-/// `Err(FamError::Interrupted)` once an interrupt was requested.
-pub fn check_interrupt() -> Result<()> {
-    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
-        Err(FamError::Interrupted)
-    } else {
-        Ok(())
-    }
-}
+pub use fam_core::host::{check_interrupt, request_interrupt};
 
 /// Wall time of each stage, in milliseconds.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -316,7 +301,7 @@ pub fn embed_images(
         }
         let batch_emb = f
             .embeddings
-            .to_dtype(candle_core::DType::F32)?
+            .to_dtype(fam_core::candle::DType::F32)?
             .to_vec2::<f32>()
             .ctx("copy embeddings to host")?;
         if let Some(c) = checkpoint {
@@ -398,7 +383,7 @@ fn save_checkpoint(
     for (j, &i) in chunk.iter().enumerate() {
         let Some(key) = &keys[i] else { continue };
         if let Some(m) = maps {
-            let m = m.get(j)?.to_dtype(candle_core::DType::F32)?;
+            let m = m.get(j)?.to_dtype(fam_core::candle::DType::F32)?;
             let shape = m.dims().to_vec();
             let data = m.flatten_all()?.to_vec1::<f32>()?;
             c.put_maps(key, &shape, &data)?;
@@ -532,12 +517,12 @@ pub(crate) fn compute_maps(
         maps_raw
             .iter()
             .map(|m| {
-                let data = crate::explain::bilinear(&m.data, (m.height, m.width), size);
+                let data = fam_core::explain::bilinear(&m.data, (m.height, m.width), size);
                 Map2::new(size.0, size.1, data)
             })
             .collect::<Result<Vec<_>>>()?
     } else {
-        let up = crate::explain::upsample_bilinear(&raw.unsqueeze(1)?, size.0, size.1)?;
+        let up = fam_core::explain::upsample_bilinear(&raw.unsqueeze(1)?, size.0, size.1)?;
         Map2::from_batch(&up.squeeze(1)?)?
     };
     Ok(maps_raw
@@ -750,9 +735,9 @@ pub(crate) fn run_task(
                 .collect();
             run_pairs(ctx, &pairs, first)
         }
-        TaskSection::Retrieval { .. } => crate::retrieval::run_retrieval(ctx, out, output),
-        TaskSection::FewShot { .. } => crate::fewshot::run_few_shot(ctx, out),
-        TaskSection::Classify { .. } => crate::fewshot::run_classify(ctx, out),
+        TaskSection::Retrieval { .. } => crate::tasks::retrieval::run_retrieval(ctx, out, output),
+        TaskSection::FewShot { .. } => crate::tasks::few_shot::run_few_shot(ctx, out),
+        TaskSection::Classify { .. } => crate::tasks::few_shot::run_classify(ctx, out),
     }
 }
 

@@ -1,0 +1,4 @@
+//! The tasks a pipeline can run.
+
+pub mod few_shot;
+pub mod retrieval;

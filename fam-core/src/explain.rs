@@ -8,52 +8,16 @@
 //! M_vis = (M_up - min) / (max - min)   an all-zero map stays zero
 //! ```
 
-use std::path::PathBuf;
 
 use candle_core::Tensor;
 
 use crate::error::{CandleContext, FamError, Result};
 use crate::traits::Similarity;
 
-/// Embedding transforms used by strong few-shot baselines (SimpleShot).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Transform {
-    #[default]
-    None,
-    L2n,
-    Cl2n,
-}
-
-impl Transform {
-    /// Applies the transform to an embedding; `center` is the mean for CL2N.
-    pub fn apply(self, e: &[f32], center: &[f32]) -> Vec<f32> {
-        let v: Vec<f32> = match self {
-            Transform::Cl2n => e.iter().zip(center).map(|(a, m)| a - m).collect(),
-            _ => e.to_vec(),
-        };
-        if self == Transform::None {
-            return v;
-        }
-        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-        if n > 0.0 {
-            v.iter().map(|x| x / n).collect()
-        } else {
-            v
-        }
-    }
-}
-
-/// What a map explains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Contrast {
-    /// The similarity to the reference.
-    #[default]
-    None,
-    /// The reference's margin over the mean of the competing references.
-    Others,
-}
+pub use crate::records::{
+    min_max, Comparison, Contrast, Explanation, ImageRecord, Map2, Rgb8, RunInfo, SaliencyMap, Side,
+    Target, Transform,
+};
 
 /// How channel weights are derived from the similarity (DESIGN.md section 1.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -325,129 +289,8 @@ pub fn fam_raw_spatial(maps: &Tensor, spatial_weights: &Tensor) -> Result<Tensor
     Ok(raw)
 }
 
-/// A 2-D map in row-major order.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Map2 {
-    pub height: usize,
-    pub width: usize,
-    pub data: Vec<f32>,
-}
-
-impl Map2 {
-    pub fn new(height: usize, width: usize, data: Vec<f32>) -> Result<Self> {
-        if data.len() != height * width {
-            return Err(FamError::invalid(format!(
-                "map of {height}x{width} needs {} values, got {}",
-                height * width,
-                data.len()
-            )));
-        }
-        Ok(Self {
-            height,
-            width,
-            data,
-        })
-    }
-
-    /// Splits a `[P, h, w]` tensor into `P` maps (one device-to-host copy).
-    pub fn from_batch(t: &Tensor) -> Result<Vec<Map2>> {
-        let (p, h, w) = t.dims3()?;
-        let flat: Vec<f32> = t
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        Ok((0..p)
-            .map(|i| Map2 {
-                height: h,
-                width: w,
-                data: flat[i * h * w..(i + 1) * h * w].to_vec(),
-            })
-            .collect())
-    }
-
-    pub fn max(&self) -> f32 {
-        self.data.iter().copied().fold(f32::MIN, f32::max)
-    }
-
-    /// Min-max normalized copy in [0, 1]; a constant map becomes all zeros.
-    pub fn normalized(&self) -> Vec<f32> {
-        min_max(&self.data)
-    }
-}
-
-/// `(x - min) / (max - min)`; a constant input (an all-zero map included) gives zeros.
-pub fn min_max(values: &[f32]) -> Vec<f32> {
-    let (lo, hi) = values
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
-            (lo.min(v), hi.max(v))
-        });
-    let span = hi - lo;
-    if span.is_nan() || span <= 0.0 || span.is_infinite() {
-        return vec![0.0; values.len()];
-    }
-    values.iter().map(|v| (v - lo) / span).collect()
-}
-
-/// A FAM map at feature resolution and at the model's input resolution.
-#[derive(Debug, Clone)]
-pub struct SaliencyMap {
-    pub raw: Map2,
-    pub upsampled: Map2,
-}
-
-/// An 8-bit RGB image in row-major order.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rgb8 {
-    pub width: u32,
-    pub height: u32,
-    pub data: Vec<u8>,
-}
-
-/// One decoded input image as the model saw it (after resize and crop).
-#[derive(Debug, Clone)]
-pub struct ImageRecord {
-    /// A short, file-name-safe id derived from the file name, unique within the run.
-    pub id: String,
-    pub source: PathBuf,
-    pub view: Rgb8,
-}
-
-/// One side of a comparison: an image (with its map) or an abstract reference such as a
-/// class prototype.
-#[derive(Debug, Clone)]
-pub struct Side {
-    pub label: String,
-    /// Index into [`Explanation::images`].
-    pub image: Option<usize>,
-    /// This side's map with respect to the other side.
-    pub map: Option<SaliencyMap>,
-    /// The score this side's map explains, as a function of its image's embedding (used by
-    /// `fam-cli eval` to re-score modified images).
-    pub target: Option<Target>,
-}
-
-/// The score a map explains, as a function of the explained image's raw embedding `z`:
-/// `f(z) = s(T(z), r) − mean_j s(T(z), r_j)` with `T` the task's embedding transform, `r`
-/// the reference and `r_j` the competing references (`contrast = "others"`; none otherwise).
-#[derive(Debug, Clone, Default)]
-pub struct Target {
-    pub reference: Vec<f32>,
-    pub others: Vec<Vec<f32>>,
-    pub transform: Transform,
-    /// The CL2N centre (empty otherwise).
-    pub center: Vec<f32>,
-}
-
+/// `f(z)`: the score a [`Target`] explains, for a raw embedding `z`.
 impl Target {
-    /// The plain similarity to `reference`, without a transform.
-    pub fn new(reference: &[f32]) -> Self {
-        Self {
-            reference: reference.to_vec(),
-            ..Default::default()
-        }
-    }
-
     /// `f(z)` for a raw embedding `z`.
     pub fn score(&self, similarity: &dyn Similarity, z: &[f32]) -> Result<f32> {
         let e = self.transform.apply(z, &self.center);
@@ -461,67 +304,6 @@ impl Target {
         }
         Ok(s)
     }
-}
-
-impl Side {
-    /// An image of the run (index into [`Explanation::images`]); its map comes later.
-    pub fn image(label: impl Into<String>, index: usize) -> Self {
-        Self {
-            label: label.into(),
-            image: Some(index),
-            map: None,
-            target: None,
-        }
-    }
-
-    /// The same side with the score its map explains.
-    pub fn with_target(mut self, target: Target) -> Self {
-        self.target = Some(target);
-        self
-    }
-
-    /// A reference that is not an image: a prototype, a centroid.
-    pub fn reference(label: impl Into<String>) -> Self {
-        Self {
-            label: label.into(),
-            image: None,
-            map: None,
-            target: None,
-        }
-    }
-}
-
-/// One scored, explained comparison between a query and a reference.
-#[derive(Debug, Clone)]
-pub struct Comparison {
-    pub id: String,
-    pub query: Side,
-    pub reference: Side,
-    pub score: f32,
-    pub distance: Option<f32>,
-    /// Comparisons that belong together (a retrieval query and its hits) share a group.
-    pub group: Option<String>,
-    /// Position in the group's ranking, from 1.
-    pub rank: Option<usize>,
-}
-
-/// Facts about the run that renderers print beside the maps.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct RunInfo {
-    pub task: String,
-    pub backbone: String,
-    pub similarity: String,
-    pub weighting: String,
-    /// How inputs were prepared, e.g. `resize 256, center crop 224`.
-    pub preprocessing: String,
-}
-
-/// Everything a renderer needs.
-#[derive(Debug, Clone)]
-pub struct Explanation {
-    pub info: RunInfo,
-    pub images: Vec<ImageRecord>,
-    pub comparisons: Vec<Comparison>,
 }
 
 #[cfg(test)]

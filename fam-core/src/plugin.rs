@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 
 use crate::error::{FamError, Problem, Result};
-use crate::explain::Explanation;
+use crate::records::Explanation;
 use crate::host::HostServices;
 use crate::output::OutputSink;
 use crate::records::EvalReport;

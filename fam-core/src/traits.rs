@@ -5,7 +5,7 @@
 use candle_core::{Device, Tensor};
 
 use crate::error::Result;
-use crate::explain::Explanation;
+use crate::records::Explanation;
 use crate::output::OutputSink;
 
 /// How images are resized before they reach the model (DESIGN.md section 1.4).

@@ -532,9 +532,10 @@ pub fn run_eval(
             *tc = c;
         }
         let (mut timings, mut counts, mut failures) = Default::default();
-        let mut ctx = crate::run::TaskContext {
+        let mut ctx = crate::tasks::TaskContext {
             p: &pw,
             session: &session,
+            output: &output,
             progress,
             timings: &mut timings,
             counts: &mut counts,
@@ -542,7 +543,9 @@ pub fn run_eval(
             shard: None,
             checkpoint: None,
         };
-        let e = crate::run::run_task(&mut ctx, &mut out, &output)?.0;
+        let e = crate::tasks::task_of(&pw.pipeline.task)
+            .run(&mut ctx, &mut out)?
+            .explanation;
         explanations.insert(name.to_string(), e);
     }
     let base = &explanations["fam"];

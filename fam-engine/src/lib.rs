@@ -5,7 +5,10 @@
 //! - [`pipeline`]: the TOML pipeline schema and its validation;
 //! - [`loader`]: finding, checking (ABI fingerprint) and loading plugin libraries;
 //! - [`preprocess`]: image decoding and torchvision-compatible preprocessing;
-//! - [`run`]: running a pipeline: embed, task, maps, render; [`tasks`]: the tasks;
+//! - [`session`]: the plugins' objects for one run; [`embed`]: the forward passes;
+//!   [`maps`]: FAM maps in batches; [`tasks`]: the tasks, behind one trait;
+//! - [`run`]: running a pipeline (it orchestrates: embed, task, maps, render); [`report`]:
+//!   what a run reports;
 //! - [`cache`]: the feature cache and checkpoints of `--resume`;
 //! - [`eval`], [`bench`], [`merge`]: `fam-cli eval`, `bench` and `merge`;
 //! - [`output`]: the output folder (atomic writes) and [`device`]: device names.
@@ -13,13 +16,17 @@
 pub mod bench;
 pub mod cache;
 pub mod device;
+pub mod embed;
 pub mod eval;
 pub mod loader;
+pub mod maps;
 pub mod merge;
 pub mod output;
 pub mod pipeline;
 pub mod preprocess;
+pub mod report;
 pub mod run;
+pub mod session;
 pub mod tasks;
 
 pub use fam_core::{FamError, Problem, Result};

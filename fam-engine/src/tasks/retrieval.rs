@@ -11,9 +11,11 @@ use crate::cache::{sha256_hex, FeatureCache};
 use fam_core::error::{CandleContext, FamError, Result};
 use fam_core::explain::{rank_key, Comparison, Explanation, ImageRecord, Side, Target};
 use crate::output::{OutputDir, OutputSink};
-use crate::pipeline::TaskSection;
+use crate::pipeline::ImageSet;
+use super::context::{Task, TaskContext, TaskOutput, UniqueIds};
 use crate::preprocess::{self, Prepared};
-use crate::run::{ms, Failure, MapJob, TaskContext, UniqueIds};
+use crate::maps::MapJob;
+use crate::report::{ms, Failure};
 
 /// A ranked hit: gallery index, score, distance.
 type Hit = (usize, f32, Option<f32>);
@@ -25,22 +27,42 @@ struct GalleryItem {
     embedding: std::result::Result<Vec<f32>, String>,
 }
 
-pub(crate) fn run_retrieval(
+/// The `retrieval` task of a pipeline.
+#[derive(Debug, Clone)]
+pub struct Retrieval {
+    pub queries: ImageSet,
+    pub gallery: ImageSet,
+    pub top_k: usize,
+    pub exclude_self: bool,
+    pub cache: bool,
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Task for Retrieval {
+    fn name(&self) -> &'static str {
+        "retrieval"
+    }
+
+    fn run(&self, ctx: &mut TaskContext, out: &mut OutputDir) -> Result<TaskOutput> {
+        let (explanation, items) = run_retrieval(self, ctx, out)?;
+        Ok(TaskOutput { explanation, items })
+    }
+}
+
+fn run_retrieval(
+    task: &Retrieval,
     ctx: &mut TaskContext,
     out: &mut OutputDir,
-    output: &Path,
 ) -> Result<(Explanation, usize)> {
-    let TaskSection::Retrieval {
+    let output = ctx.output;
+    let Retrieval {
         queries,
         gallery,
         top_k,
         exclude_self,
         cache,
         cache_dir,
-    } = &ctx.p.pipeline.task
-    else {
-        return Err(FamError::invalid("not a retrieval task"));
-    };
+    } = task;
     let (queries, gallery_files) = (queries.files()?, gallery.files()?);
     // Ids come from the full lists (every query, then every gallery image), so they are the
     // same in every shard as in a single run.

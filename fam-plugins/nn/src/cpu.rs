@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use crate::Act;
+use crate::act::Act;
 
 /// A convolution with BatchNorm folded in, as plain host memory.
 #[derive(Debug, Clone)]

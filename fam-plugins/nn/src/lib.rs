@@ -3,34 +3,17 @@
 //! [`cpu`] (fused bias and activation, a direct depthwise convolution); on other devices
 //! they are composed from candle's tensor operations.
 
+mod act;
 pub mod cpu;
 pub mod engine;
+
+pub use act::Act;
 
 use fam_core::candle::{DType, Device, IndexOp, Tensor};
 use fam_weights::{self as weights, StateDict};
 use fam_core::{FamError, Result};
 use std::path::Path;
 
-/// Activation applied after a convolution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Act {
-    None,
-    Relu,
-    Relu6,
-    /// LeakyReLU with slope 0.1 (ResNet-12 of the few-shot literature).
-    LeakyRelu01,
-}
-
-impl From<Act> for engine::Act {
-    fn from(a: Act) -> Self {
-        match a {
-            Act::None => engine::Act::None,
-            Act::Relu => engine::Act::Relu,
-            Act::Relu6 => engine::Act::Clip(0.0, 6.0),
-            Act::LeakyRelu01 => engine::Act::LeakyRelu(0.1),
-        }
-    }
-}
 
 /// A convolution with its BatchNorm folded in: `y = act(conv(x, W') + b')` with
 /// `W' = W γ/σ`, `b' = β − μ γ/σ`, `σ = sqrt(var + eps)`.

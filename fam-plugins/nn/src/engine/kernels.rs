@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use super::Act;
+use super::act::Act;
 
 /// An activation tensor in channels-last layout: `n` images of `h × w` pixels of `c`
 /// channels, `data[((i·h + y)·w + x)·c + k]`.

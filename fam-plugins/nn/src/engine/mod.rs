@@ -23,6 +23,7 @@
 //! work of each kernel instead. Values are converted between layouts only where a native
 //! operator meets an external one, and each value is freed after its last use.
 
+mod act;
 pub mod kernels;
 
 use std::collections::HashMap;
@@ -33,28 +34,9 @@ use fam_core::candle::{DType, Device, Tensor};
 use fam_core::{FamError, Result};
 use rayon::prelude::*;
 
+pub use act::Act;
 pub use kernels::{BinOp, Buf, Pool};
 
-/// An activation, applied in the epilogue of the operator that precedes it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Act {
-    None,
-    Relu,
-    /// `min(max(x, lo), hi)` (ReLU6 is `Clip(0, 6)`).
-    Clip(f32, f32),
-    LeakyRelu(f32),
-    /// `clamp(a·x + b, 0, 1)`
-    HardSigmoid(f32, f32),
-    HardSwish,
-    Sigmoid,
-    /// `x · sigmoid(x)`
-    Silu,
-    Tanh,
-    /// `x · Φ(x)` with the exact (erf) normal CDF.
-    Gelu,
-    /// The error function itself (GELU as exporters decompose it).
-    Erf,
-}
 
 /// A value of a program.
 pub type ValueId = usize;

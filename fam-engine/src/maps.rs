@@ -1,0 +1,145 @@
+//! FAM maps in one batched pass: the channel weights of each comparison applied to the
+//! feature maps of its image, upsampled to the model's input size.
+
+use fam_core::candle::Tensor;
+use fam_core::error::{FamError, Result};
+use fam_core::explain::{
+    channel_weights, contrast_raw, embedding_weights, fam_raw, fam_raw_spatial,
+    normalize_contributions, Map2, SaliencyMap, Weighting,
+};
+use fam_core::traits::{Backbone, Similarity};
+
+/// One map to compute: explain image `image` with respect to embedding `reference`.
+pub struct MapJob {
+    pub image: usize,
+    /// Channel weights (GAP backbones).
+    pub weights: Vec<f32>,
+    /// Embedding-space weights, pulled back through an affine head where there is one.
+    pub u: Vec<f32>,
+}
+
+impl MapJob {
+    /// The job explaining why `e` matches `r` rather than the `others` (`contrast =
+    /// "others"`): channel weights from `c(e, r) − mean_j c(e, r_j)`, and the matching
+    /// embedding-space weights for backbones with a head.
+    pub fn contrast(
+        similarity: &dyn Similarity,
+        weighting: Weighting,
+        image: usize,
+        e: &[f32],
+        r: &[f32],
+        others: &[&[f32]],
+    ) -> Result<Self> {
+        let mut job = Self::new(similarity, weighting, image, e, r)?;
+        if others.is_empty() || weighting == Weighting::Activation {
+            return Ok(job);
+        }
+        // One pass over the references gives both the channel weights and `u`.
+        let c = contrast_raw(similarity, weighting, e, r, others)?;
+        job.weights = match weighting {
+            Weighting::Gradient => c.clone(),
+            _ => normalize_contributions(&c),
+        };
+        job.u = match weighting {
+            Weighting::Gradient => c,
+            _ => c
+                .iter()
+                .zip(e)
+                .map(|(c, z)| if *z == 0.0 { 0.0 } else { c / z })
+                .collect(),
+        };
+        Ok(job)
+    }
+
+    /// The job explaining embedding `e` (of image `image`) with respect to `r`.
+    pub fn new(
+        similarity: &dyn Similarity,
+        weighting: Weighting,
+        image: usize,
+        e: &[f32],
+        r: &[f32],
+    ) -> Result<Self> {
+        Ok(Self {
+            image,
+            weights: channel_weights(similarity, weighting, e, r)?,
+            u: embedding_weights(similarity, weighting, e, r)?,
+        })
+    }
+}
+
+/// Computes all maps in one batched pass: gathers the explained images' feature maps and
+/// applies their channel weights.
+pub fn compute_maps(
+    backbone: &dyn Backbone,
+    weighting: Weighting,
+    use_head: bool,
+    maps: &Tensor,
+    jobs: &[MapJob],
+    size: (usize, usize),
+) -> Result<Vec<SaliencyMap>> {
+    if jobs.is_empty() {
+        return Ok(vec![]);
+    }
+    let device = maps.device();
+    let idx: Vec<u32> = jobs.iter().map(|j| j.image as u32).collect();
+    let idx = Tensor::new(idx.as_slice(), device)?;
+    let gathered = maps.index_select(&idx, 0)?;
+    let d = jobs[0].u.len();
+    let flat_u: Vec<f32> = jobs.iter().flat_map(|j| j.u.iter().copied()).collect();
+    let u = Tensor::from_vec(flat_u, (jobs.len(), d), device)?;
+    let pulled = if weighting == Weighting::Activation || !use_head {
+        None
+    } else {
+        backbone.pullback(&u)?
+    };
+    let raw = match pulled {
+        // Affine head: exact spatial contributions (contribution), or Grad-CAM's spatially
+        // averaged gradient (gradient).
+        Some((w, _offset)) if weighting == Weighting::Contribution => {
+            fam_raw_spatial(&gathered, &w)?
+        }
+        Some((w, _offset)) => fam_raw(&gathered, &w.mean((2, 3))?)?,
+        // The activation baseline is the mean of the feature channels, whatever the head.
+        None if weighting == Weighting::Activation => {
+            let c = gathered.dims()[1];
+            let w = Tensor::full(1.0 / c as f32, (jobs.len(), c), device)?;
+            fam_raw(&gathered, &w)?
+        }
+        None => {
+            let c = jobs[0].weights.len();
+            if c != gathered.dims()[1] {
+                return Err(FamError::invalid(format!(
+                    "the embedding has {c} dimensions but the feature layer {} channels, and the backbone provides no pullback to map one onto the other",
+                    gathered.dims()[1]
+                )));
+            }
+            let flat: Vec<f32> = jobs
+                .iter()
+                .flat_map(|j| j.weights.iter().copied())
+                .collect();
+            let w = Tensor::from_vec(flat, (jobs.len(), c), device)?;
+            fam_raw(&gathered, &w)?
+        }
+    };
+    let maps_raw = Map2::from_batch(&raw)?;
+    // On the CPU each map is upsampled straight into its own buffer, without a batch tensor
+    // and its copies.
+    let up = if device.is_cpu() {
+        maps_raw
+            .iter()
+            .map(|m| {
+                let data = fam_core::explain::bilinear(&m.data, (m.height, m.width), size);
+                Map2::new(size.0, size.1, data)
+            })
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        let up = fam_core::explain::upsample_bilinear(&raw.unsqueeze(1)?, size.0, size.1)?;
+        Map2::from_batch(&up.squeeze(1)?)?
+    };
+    Ok(maps_raw
+        .into_iter()
+        .zip(up)
+        .map(|(raw, upsampled)| SaliencyMap { raw, upsampled })
+        .collect())
+}
+

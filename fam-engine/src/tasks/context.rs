@@ -1,0 +1,147 @@
+//! What every task gets from the run, and what it gives back.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use fam_core::candle::Tensor;
+use fam_core::error::Result;
+use fam_core::explain::{Comparison, Explanation, ImageRecord, RunInfo};
+
+use crate::cache::FeatureCache;
+use crate::embed::Embedded;
+use crate::maps::{compute_maps, MapJob};
+use crate::output::{safe_stem, OutputDir};
+use crate::pipeline::LoadedPipeline;
+use crate::preprocess;
+use crate::report::{Counts, Failure, Progress, Timings};
+use crate::session::Session;
+
+/// A task: what a pipeline's `[task]` section runs. It embeds the images it needs through
+/// its [`TaskContext`], scores them with the similarity, asks for the maps, and writes its
+/// own documents (`retrieval.json`, `episode.json`, ...); the run then renders the
+/// explanation it returns and writes the manifest. A task never calls back into the run.
+pub trait Task {
+    /// The task's name, as pipelines write it (`kind = "pair"`).
+    fn name(&self) -> &'static str;
+    /// Runs the task on this run's part of the items (all, or `--shard K/N`'s).
+    fn run(&self, ctx: &mut TaskContext, out: &mut OutputDir) -> Result<TaskOutput>;
+}
+
+/// What a task produced.
+#[derive(Debug)]
+pub struct TaskOutput {
+    /// Scores and maps, for the renderers.
+    pub explanation: Explanation,
+    /// How many items the task had (pairs, queries), failed ones included.
+    pub items: usize,
+}
+
+/// What a task needs from the run.
+pub struct TaskContext<'a> {
+    pub p: &'a LoadedPipeline,
+    pub session: &'a Session,
+    /// The output folder (a task may keep a cache there).
+    pub output: &'a Path,
+    pub progress: &'a dyn Progress,
+    pub timings: &'a mut Timings,
+    pub counts: &'a mut Counts,
+    pub failures: &'a mut Vec<Failure>,
+    /// The part of the items to run (`--shard`), or all.
+    pub shard: Option<crate::pipeline::Shard>,
+    /// Where forward passes are saved and, on `--resume`, read back.
+    pub checkpoint: Option<&'a FeatureCache>,
+}
+
+impl TaskContext<'_> {
+    pub fn info(&self, task: &str) -> RunInfo {
+        RunInfo {
+            task: task.into(),
+            backbone: self.session.backbone.describe(),
+            similarity: self.session.similarity.name(),
+            weighting: self.p.pipeline.explain.weighting.as_str().into(),
+            preprocessing: preprocess::describe(&self.session.spec),
+        }
+    }
+
+    /// Computes every job's map in one batch and attaches them, in order, to the query side
+    /// of each comparison and, where `reference_mapped` says so, to its reference side.
+    pub fn attach_maps(
+        &self,
+        maps: &Tensor,
+        comparisons: &mut [Comparison],
+        jobs: &[MapJob],
+        use_head: bool,
+        reference_mapped: impl Fn(&Comparison) -> bool,
+    ) -> Result<()> {
+        let (h, w) = self.session.spec.input_size();
+        let mut computed = compute_maps(
+            self.session.backbone.as_ref(),
+            self.p.pipeline.explain.weighting,
+            use_head,
+            maps,
+            jobs,
+            (h as usize, w as usize),
+        )?
+        .into_iter();
+        for c in comparisons.iter_mut() {
+            c.query.map = computed.next();
+            if reference_mapped(c) {
+                c.reference.map = computed.next();
+            }
+        }
+        Ok(())
+    }
+
+    /// The items of this run among `len` (all without `--shard`).
+    pub fn shard_range(&self, len: usize) -> std::ops::Range<usize> {
+        self.shard.map(|s| s.range(len)).unwrap_or(0..len)
+    }
+
+    pub fn embed(&mut self, paths: &[PathBuf], keep_maps: bool) -> Result<Embedded> {
+        crate::embed::embed_images(
+            self.session.backbone.as_ref(),
+            &self.session.spec,
+            paths,
+            self.p.pipeline.run.batch_size,
+            keep_maps,
+            self.progress,
+            self.timings,
+            self.counts,
+            self.checkpoint,
+        )
+    }
+}
+
+/// Records of the images that were embedded, with ids unique within the run.
+pub fn image_records(paths: &[PathBuf], emb: &Embedded) -> Vec<ImageRecord> {
+    let mut ids = UniqueIds::default();
+    let mut out = Vec::new();
+    for (path, slot) in paths.iter().zip(&emb.slot) {
+        let Ok(i) = slot else { continue };
+        debug_assert_eq!(out.len(), *i);
+        out.push(ImageRecord {
+            id: ids.id(path),
+            source: path.clone(),
+            view: emb.views[*i].view.clone(),
+        });
+    }
+    out
+}
+
+/// File-name-safe ids, unique within a run (`cat`, `cat-2`, ...).
+#[derive(Debug, Default)]
+pub struct UniqueIds(HashMap<String, usize>);
+
+impl UniqueIds {
+    pub fn id(&mut self, path: &Path) -> String {
+        let stem = safe_stem(path);
+        let n = self.0.entry(stem.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            stem
+        } else {
+            format!("{stem}-{n}")
+        }
+    }
+}
+

@@ -9,7 +9,11 @@ use sha2::{Digest, Sha256};
 /// A digest of the API crate in `dir`: `Cargo.toml`, `build.rs`, this file and every `.rs`
 /// file under `src/`, with their relative paths. `visit` sees each file read.
 pub fn api_digest(dir: &Path, visit: &mut dyn FnMut(&Path)) -> String {
-    let mut files = vec![dir.join("Cargo.toml"), dir.join("build.rs"), dir.join("abi_digest.rs")];
+    let mut files = vec![
+        dir.join("Cargo.toml"),
+        dir.join("build.rs"),
+        dir.join("abi_digest.rs"),
+    ];
     collect(&dir.join("src"), &mut files);
     files.sort();
     let mut h = Sha256::new();
@@ -26,7 +30,11 @@ pub fn api_digest(dir: &Path, visit: &mut dyn FnMut(&Path)) -> String {
         h.update(&bytes);
         visit(f);
     }
-    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+    h.finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -35,7 +35,10 @@ fn main() {
         println!("cargo:rerun-if-changed={}", f.display())
     });
     println!("cargo:rerun-if-changed={}", dir.join("src").display());
-    println!("cargo:rerun-if-changed={}", dir.join("abi_digest.rs").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        dir.join("abi_digest.rs").display()
+    );
     lines.push(format!(
         "fam-core: {} api {digest}",
         std::env::var("CARGO_PKG_VERSION").unwrap()
@@ -54,7 +57,11 @@ fn main() {
             .unwrap_or("unknown")
             .to_string()
     };
-    lines.push(format!("rustc: {} ({})", field("release"), field("commit-hash")));
+    lines.push(format!(
+        "rustc: {} ({})",
+        field("release"),
+        field("commit-hash")
+    ));
     println!("cargo:rerun-if-env-changed=RUSTC");
     lines.push(format!("target: {}", std::env::var("TARGET").unwrap()));
     lines.push(format!(
@@ -81,9 +88,12 @@ fn main() {
             .filter(|(n, _)| n == krate)
             .map(|(_, v)| v.as_str())
             .collect::<Vec<_>>();
-        let v = if v.is_empty() { "unknown (no Cargo.lock found)".to_string() } else { v.join(" and ") };
+        let v = if v.is_empty() {
+            "unknown (no Cargo.lock found)".to_string()
+        } else {
+            v.join(" and ")
+        };
         lines.push(format!("{krate}: {v}"));
     }
     std::fs::write(out.join("abi-build.txt"), lines.join("\n") + "\n").unwrap();
 }
-

@@ -12,10 +12,10 @@ mod scaffold;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
-use fam_engine::pipeline::LoadedPipeline;
-use fam_engine::PluginHost;
-use fam_engine::run::{Progress, RunOptions};
 use fam_core::FamError;
+use fam_engine::pipeline::LoadedPipeline;
+use fam_engine::run::{Progress, RunOptions};
+use fam_engine::PluginHost;
 
 #[derive(Parser)]
 #[command(
@@ -411,7 +411,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Merge { shards, output } => {
-            let r = fam_engine::merge::merge(&output, &shards)?;
+            let mut host = PluginHost::new(&cli.plugin_dirs);
+            let r = fam_engine::merge::merge(&output, &shards, &mut host)?;
             eprintln!(
                 "{} shards merged: {} of {} items explained, {} files in {}",
                 r.shards,

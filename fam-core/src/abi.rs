@@ -108,9 +108,7 @@ impl std::fmt::Display for Difference {
 }
 
 fn parts(text: &str) -> Vec<(&str, &str)> {
-    text.lines()
-        .filter_map(|l| l.split_once(": "))
-        .collect()
+    text.lines().filter_map(|l| l.split_once(": ")).collect()
 }
 
 /// The parts of `plugin` that differ from `host` (a part only one side has differs too).
@@ -124,7 +122,11 @@ pub fn compare(plugin: &str, host: &str) -> Vec<Difference> {
             .unwrap_or_else(|| "(missing)".into())
     };
     let mut keys: Vec<&str> = h.iter().map(|(k, _)| *k).collect();
-    keys.extend(p.iter().map(|(k, _)| *k).filter(|k| !h.iter().any(|(hk, _)| hk == k)));
+    keys.extend(
+        p.iter()
+            .map(|(k, _)| *k)
+            .filter(|k| !h.iter().any(|(hk, _)| hk == k)),
+    );
     for k in keys {
         let (pv, hv) = (value(&p, k), value(&h, k));
         if pv != hv {
@@ -157,7 +159,10 @@ mod tests {
             "candle-core features: ",
             "layout: ",
         ] {
-            assert!(f.contains(&format!("\n{part}")) || f.starts_with(part), "{part} in\n{f}");
+            assert!(
+                f.contains(&format!("\n{part}")) || f.starts_with(part),
+                "{part} in\n{f}"
+            );
         }
         assert!(!f.contains("no Cargo.lock"), "{f}");
         assert!(compare(f, f).is_empty());

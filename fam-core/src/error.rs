@@ -49,11 +49,12 @@ impl std::fmt::Display for Problem {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FamError {
-    #[error("{path}: {source}")]
+    /// A file could not be read or written. The cause is part of the message, not a
+    /// separate source, so that it is printed once.
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     #[error("{path}: cannot decode image: {message}")]
@@ -79,7 +80,7 @@ pub enum FamError {
         host: String,
     },
 
-    #[error("plugin {path} was built differently from this fam-cli, so their types cannot cross between them; rebuild the plugin against this fam-core with the same toolchain and features:\n{}", differences.iter().map(|d| format!("  - {d}")).collect::<Vec<_>>().join("\n"))]
+    #[error("plugin {path} was built differently from this fam-cli, so their types cannot cross between them ({}); rebuild the plugin against this fam-core with the same toolchain and features", differences.join("; "))]
     AbiMismatch {
         path: PathBuf,
         differences: Vec<String>,
@@ -102,18 +103,40 @@ pub enum FamError {
     #[error("{path}: weights: {message}")]
     Weights { path: PathBuf, message: String },
 
-    #[error("{context}: {source}")]
+    /// A tensor operation failed; `context` says which.
+    #[error("{context}: {cause}")]
     Candle {
         context: String,
-        #[source]
-        source: candle_core::Error,
+        cause: candle_core::Error,
     },
+
+    /// A model file uses operators this build does not implement (all of them listed).
+    #[error("{path}: weights: {message}")]
+    UnsupportedOperator { path: PathBuf, message: String },
+
+    /// A plugin object broke its trait's contract: a backbone returned maps and embeddings
+    /// of the wrong shapes, a similarity contributions of the wrong length.
+    /// `message` continues the sentence that `component` starts (`backbone `x``
+    /// `returned ...`).
+    #[error("{component} {message}")]
+    Contract { component: String, message: String },
+
+    /// One item of the run (a pair, a query, an image) could not be completed; the run goes
+    /// on with the others. `message` names the item's file.
+    #[error("{message}")]
+    Item { item: String, message: String },
+
+    /// An output document (`manifest.json`, `scores.json`, ...) that fam did not write or
+    /// that disagrees with the other shards' (`fam-cli merge`).
+    #[error("{path}: {message}")]
+    Document { path: PathBuf, message: String },
 
     #[error(
         "interrupted: every file written so far is complete (no partial files); run again with `--resume` to skip the images already through the backbone"
     )]
     Interrupted,
 
+    /// Anything else, named in the message.
     #[error("{0}")]
     Invalid(String),
 
@@ -125,12 +148,28 @@ impl FamError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::Invalid(message.into())
+    }
+
+    /// A broken contract of `component` (a backbone or similarity, by name).
+    pub fn contract(component: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Contract {
+            component: component.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A problem with an output document.
+    pub fn document(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Self::Document {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 
     pub fn weights(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
@@ -145,7 +184,7 @@ impl From<candle_core::Error> for FamError {
     fn from(source: candle_core::Error) -> Self {
         Self::Candle {
             context: "tensor operation".into(),
-            source,
+            cause: source,
         }
     }
 }
@@ -157,9 +196,9 @@ pub trait CandleContext<T> {
 
 impl<T> CandleContext<T> for std::result::Result<T, candle_core::Error> {
     fn ctx(self, context: impl std::fmt::Display) -> Result<T> {
-        self.map_err(|source| FamError::Candle {
+        self.map_err(|cause| FamError::Candle {
             context: context.to_string(),
-            source,
+            cause,
         })
     }
 }

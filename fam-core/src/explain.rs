@@ -8,15 +8,14 @@
 //! M_vis = (M_up - min) / (max - min)   an all-zero map stays zero
 //! ```
 
-
 use candle_core::Tensor;
 
 use crate::error::{CandleContext, FamError, Result};
 use crate::traits::Similarity;
 
 pub use crate::records::{
-    min_max, Comparison, Contrast, Explanation, ImageRecord, Map2, Rgb8, RunInfo, SaliencyMap, Side,
-    Target, Transform,
+    min_max, Comparison, Contrast, Explanation, ImageRecord, Map2, Rgb8, RunInfo, SaliencyMap,
+    Side, Target, Transform,
 };
 
 /// How channel weights are derived from the similarity (DESIGN.md section 1.2).
@@ -83,10 +82,13 @@ pub fn channel_weights(
 
 fn check_len(what: &str, v: &[f32], expected: usize) -> Result<()> {
     if v.len() != expected {
-        return Err(FamError::invalid(format!(
-            "similarity returned {} {what} for an embedding of {expected} channels",
-            v.len()
-        )));
+        return Err(FamError::contract(
+            "similarity",
+            format!(
+                "returned {} {what} for an embedding of {expected} channels",
+                v.len()
+            ),
+        ));
     }
     Ok(())
 }

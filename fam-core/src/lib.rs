@@ -20,6 +20,7 @@ pub mod abi;
 pub mod error;
 pub mod explain;
 pub mod host;
+pub mod options;
 pub mod output;
 pub mod plugin;
 pub mod records;

@@ -3,7 +3,6 @@
 
 use crate::error::{FamError, Result};
 
-
 /// Where renderers write. Every file goes through here so that it is written atomically
 /// (temporary file, then rename) and listed in `manifest.json`.
 pub trait OutputSink {

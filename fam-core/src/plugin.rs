@@ -19,10 +19,10 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 
 use crate::error::{FamError, Problem, Result};
-use crate::records::Explanation;
 use crate::host::HostServices;
 use crate::output::OutputSink;
 use crate::records::EvalReport;
+use crate::records::Explanation;
 use crate::traits::{Backbone, Features, InputSpec, LayerInfo, Renderer, Similarity};
 
 /// Name of the symbol every plugin library exports.
@@ -496,7 +496,12 @@ mod tests {
         let mut r = Registrar::new();
         r.set_plugin_name("test");
         r.similarity("boom", "panics", |_| vec![], |_| Ok(Box::new(Boom)));
-        r.similarity("noname", "panics in name", |_| vec![], |_| Ok(Box::new(NoName)));
+        r.similarity(
+            "noname",
+            "panics in name",
+            |_| vec![],
+            |_| Ok(Box::new(NoName)),
+        );
         r.finish().unwrap()
     }
 

@@ -293,19 +293,71 @@ impl ReportData {
                 .map(String::from)
                 .unwrap_or_else(|| format!("fam: {} with {}", e.info.task, e.info.backbone)),
             info: e.info.clone(),
-            comparisons: e
-                .comparisons
-                .iter()
-                .map(|c| ReportRow {
-                    id: c.id.clone(),
-                    query: c.query.label.clone(),
-                    reference: c.reference.label.clone(),
-                    score: c.score,
-                    distance: c.distance,
-                    group: c.group.clone(),
-                    rank: c.rank,
-                })
-                .collect(),
+            comparisons: e.comparisons.iter().map(ReportRow::of).collect(),
+        }
+    }
+}
+
+/// `scores.json`, written by the `scores` renderer and merged by `fam-cli merge`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ScoresDocument {
+    pub info: RunInfo,
+    pub comparisons: Vec<ScoredComparison>,
+}
+
+/// One comparison of `scores.json`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ScoredComparison {
+    pub id: String,
+    pub query: ScoredSide,
+    pub reference: ScoredSide,
+    pub score: f32,
+    pub distance: Option<f32>,
+}
+
+/// One side of a comparison in `scores.json`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ScoredSide {
+    pub label: String,
+    /// The image file, where the side is an image.
+    pub image: Option<String>,
+    /// The largest value of the side's raw map, where it has one.
+    pub map_peak: Option<f32>,
+}
+
+/// The bytes of an output document: pretty JSON with the keys of every object in sorted
+/// order, whatever the order of the struct's fields (fam's documents have always been
+/// written so), and `f32` values written as the `f64` they widen to.
+pub fn document_bytes<T: serde::Serialize>(doc: &T) -> Result<Vec<u8>> {
+    let value = serde_json::to_value(doc).map_err(|e| FamError::invalid(e.to_string()))?;
+    serde_json::to_vec_pretty(&value).map_err(|e| FamError::invalid(e.to_string()))
+}
+
+impl ReportRow {
+    /// The comparison a row describes, without images or maps: what a renderer that
+    /// summarises a run ([`crate::Renderer::runs_last`]) receives from `fam-cli merge`.
+    pub fn to_comparison(&self) -> Comparison {
+        Comparison {
+            id: self.id.clone(),
+            query: Side::reference(self.query.clone()),
+            reference: Side::reference(self.reference.clone()),
+            score: self.score,
+            distance: self.distance,
+            group: self.group.clone(),
+            rank: self.rank,
+        }
+    }
+
+    /// The row of a comparison.
+    pub fn of(c: &Comparison) -> Self {
+        Self {
+            id: c.id.clone(),
+            query: c.query.label.clone(),
+            reference: c.reference.label.clone(),
+            score: c.score,
+            distance: c.distance,
+            group: c.group.clone(),
+            rank: c.rank,
         }
     }
 }

@@ -5,8 +5,8 @@
 use candle_core::{Device, Tensor};
 
 use crate::error::Result;
-use crate::records::Explanation;
 use crate::output::OutputSink;
+use crate::records::Explanation;
 
 /// How images are resized before they reach the model (DESIGN.md section 1.4).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -20,7 +20,7 @@ pub enum ResizePolicy {
 
 /// What a backbone expects as input. Pixel values are scaled to [0, 1], then
 /// `(x - mean) / std` per channel in RGB order.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct InputSpec {
     pub resize: ResizePolicy,
     pub mean: [f32; 3],
@@ -127,7 +127,9 @@ pub trait Renderer: Send + Sync {
     fn render(&self, explanation: &Explanation, out: &mut dyn OutputSink) -> Result<()>;
     /// `true` for a renderer that summarises the other renderers' files (such as the `html`
     /// report, which links every panel): it runs after all the others, whatever the order
-    /// of `[[render]]` sections.
+    /// of `[[render]]` sections. `fam-cli merge` runs it again on the merged folder, with an
+    /// explanation of every shard's comparisons (their ids, labels, scores, groups and
+    /// ranks, without images or maps), so it must need nothing else.
     fn runs_last(&self) -> bool {
         false
     }

@@ -13,9 +13,9 @@
 
 use std::path::{Path, PathBuf};
 
+use fam_core::traits::InputSpec;
 use fam_engine::pipeline::LoadedPipeline;
 use fam_engine::PluginHost;
-use fam_core::traits::InputSpec;
 
 #[path = "../../fuzz/engine.rs"]
 mod engine;

@@ -9,9 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use fam_core::error::{FamError, Result};
 use crate::pipeline::{LoadedPipeline, PairSpec, TaskSection};
 use crate::run::{run_with_session, Checkpointing, NoProgress, RunOptions, Session, Timings};
+use fam_core::error::{FamError, Result};
 
 /// Options of `fam-cli bench`.
 #[derive(Debug, Clone)]

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use fam_core::error::{FamError, Result};
 use crate::output::{npy_f32, read_npy_f32, write_atomic};
+use fam_core::error::{FamError, Result};
 use fam_core::traits::InputSpec;
 
 /// The cache folder of one model configuration.

@@ -10,8 +10,8 @@ use fam_core::host::check_interrupt;
 use fam_core::traits::{Backbone, InputSpec};
 
 use crate::cache::FeatureCache;
-use crate::preprocess::{self, Prepared};
-use crate::report::{ms, Counts, Progress, Timings};
+use crate::preprocess::{self, Decoding, Prepared};
+use crate::report::{ms, Counts, PartialImage, Progress, Timings};
 
 /// Embeddings and feature maps of a set of images, each computed once.
 #[derive(Debug)]
@@ -38,10 +38,12 @@ pub fn embed_images(
     timings: &mut Timings,
     counts: &mut Counts,
     checkpoint: Option<&FeatureCache>,
+    decoding: Decoding,
+    partial: &mut Vec<PartialImage>,
 ) -> Result<Embedded> {
     let t0 = Instant::now();
     let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
-    let prepared = preprocess::prepare_files(&refs, spec);
+    let prepared = preprocess::prepare_files_with(&refs, spec, decoding);
     timings.decode_preprocess += ms(t0);
 
     let mut slot = Vec::with_capacity(paths.len());
@@ -49,7 +51,19 @@ pub fn embed_images(
     let mut keys = Vec::new();
     for (path, r) in paths.iter().zip(prepared) {
         match r {
-            Ok(p) => {
+            Ok((p, cause)) => {
+                if let Some(cause) = cause {
+                    tracing::warn!(image = %path.display(), cause = %cause, "explaining an image that decoded only in part");
+                    if !partial
+                        .iter()
+                        .any(|q| q.image == path.display().to_string())
+                    {
+                        partial.push(PartialImage {
+                            image: path.display().to_string(),
+                            cause,
+                        });
+                    }
+                }
                 slot.push(Ok(views.len()));
                 views.push(p);
                 keys.push(checkpoint.and_then(|_| checkpoint_key(path)));
@@ -111,12 +125,15 @@ pub fn embed_images(
         // The embedding may have another size than the channel count where the backbone
         // pulls weights back through its own head (flattened maps, an FC or GDConv head).
         if b != chunk.len() || be != b {
-            return Err(FamError::invalid(format!(
-                "backbone returned maps {:?} and embeddings {:?} for a batch of {}",
-                f.maps.dims(),
-                f.embeddings.dims(),
-                chunk.len()
-            )));
+            return Err(FamError::contract(
+                format!("backbone `{}`", backbone.describe()),
+                format!(
+                    "returned maps {:?} and embeddings {:?} for a batch of {}",
+                    f.maps.dims(),
+                    f.embeddings.dims(),
+                    chunk.len()
+                ),
+            ));
         }
         // Every batch must have the same shapes, or maps and embeddings of different images
         // could not be combined.
@@ -124,14 +141,13 @@ pub fn embed_images(
         match &batch_shapes {
             None => batch_shapes = Some(shapes),
             Some(first) if *first != shapes => {
-                return Err(FamError::invalid(format!(
-                    "backbone `{}` returned feature maps {:?} with {}-d embeddings for one batch but {:?} with {}-d embeddings for another; every image must get the same shapes",
-                    backbone.describe(),
-                    first.0,
-                    first.1,
-                    shapes.0,
-                    shapes.1
-                )))
+                return Err(FamError::contract(
+                    format!("backbone `{}`", backbone.describe()),
+                    format!(
+                        "returned feature maps {:?} with {}-d embeddings for one batch but {:?} with {}-d embeddings for another; every image must get the same shapes",
+                        first.0, first.1, shapes.0, shapes.1
+                    ),
+                ))
             }
             Some(_) => {}
         }
@@ -229,4 +245,3 @@ fn save_checkpoint(
     }
     Ok(())
 }
-

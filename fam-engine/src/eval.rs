@@ -316,8 +316,8 @@ mod tests {
             Ok(r.to_vec())
         }
     }
-    use fam_core::traits::{Features, ResizePolicy};
     use fam_core::candle::Device;
+    use fam_core::traits::{Features, ResizePolicy};
 
     /// A model whose embedding is (mean of the left half, 1): only the left half matters.
     struct LeftHalf;
@@ -483,8 +483,8 @@ pub fn run_eval(
     opts: &EvalOptions,
     progress: &dyn crate::run::Progress,
 ) -> Result<EvalReport> {
-    use fam_core::explain::Weighting;
     use crate::pipeline::{Contrast, TaskSection};
+    use fam_core::explain::Weighting;
     let mut p = p.clone();
     if let Some(m) = &opts.metric {
         p.pipeline.similarity.kind = m.clone();
@@ -531,7 +531,7 @@ pub fn run_eval(
         {
             *tc = c;
         }
-        let (mut timings, mut counts, mut failures) = Default::default();
+        let (mut timings, mut counts, mut failures, mut partial) = Default::default();
         let mut ctx = crate::tasks::TaskContext {
             p: &pw,
             session: &session,
@@ -540,6 +540,7 @@ pub fn run_eval(
             timings: &mut timings,
             counts: &mut counts,
             failures: &mut failures,
+            partial: &mut partial,
             shard: None,
             checkpoint: None,
         };

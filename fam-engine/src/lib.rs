@@ -11,11 +11,13 @@
 //!   what a run reports;
 //! - [`cache`]: the feature cache and checkpoints of `--resume`;
 //! - [`eval`], [`bench`], [`merge`]: `fam-cli eval`, `bench` and `merge`;
-//! - [`output`]: the output folder (atomic writes) and [`device`]: device names.
+//! - [`output`]: the output folder (atomic writes); [`documents`]: the typed JSON documents
+//!   (manifest, retrieval, episode, predictions); [`device`]: device names.
 
 pub mod bench;
 pub mod cache;
 pub mod device;
+pub mod documents;
 pub mod embed;
 pub mod eval;
 pub mod loader;

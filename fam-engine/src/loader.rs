@@ -148,8 +148,15 @@ impl PluginHost {
             return Err(FamError::PluginMismatch {
                 path: path.to_path_buf(),
                 what: "plugin declaration format",
-                plugin: format!("{:?} layout {}", String::from_utf8_lossy(&decl.magic), decl.layout),
-                host: format!("{:?} layout {DECLARATION_LAYOUT}", String::from_utf8_lossy(&MAGIC)),
+                plugin: format!(
+                    "{:?} layout {}",
+                    String::from_utf8_lossy(&decl.magic),
+                    decl.layout
+                ),
+                host: format!(
+                    "{:?} layout {DECLARATION_LAYOUT}",
+                    String::from_utf8_lossy(&MAGIC)
+                ),
             });
         }
         // SAFETY: a declaration of this layout holds a plain C function returning a static
@@ -305,4 +312,3 @@ fn find<'a, E>(
                 .collect(),
         })
 }
-

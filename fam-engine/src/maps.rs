@@ -108,10 +108,13 @@ pub fn compute_maps(
         None => {
             let c = jobs[0].weights.len();
             if c != gathered.dims()[1] {
-                return Err(FamError::invalid(format!(
-                    "the embedding has {c} dimensions but the feature layer {} channels, and the backbone provides no pullback to map one onto the other",
-                    gathered.dims()[1]
-                )));
+                return Err(FamError::contract(
+                    format!("backbone `{}`", backbone.describe()),
+                    format!(
+                        "gives {c}-d embeddings but {} feature channels, and no pullback to map one onto the other",
+                        gathered.dims()[1]
+                    ),
+                ));
             }
             let flat: Vec<f32> = jobs
                 .iter()
@@ -142,4 +145,3 @@ pub fn compute_maps(
         .map(|(raw, upsampled)| SaliencyMap { raw, upsampled })
         .collect())
 }
-

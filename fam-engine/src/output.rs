@@ -7,7 +7,7 @@ use fam_core::error::{FamError, Result};
 pub use fam_core::output::{npy_f32, read_npy_f32, OutputSink};
 
 /// A file written during the run.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WrittenFile {
     pub path: String,
     pub bytes: u64,

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::loader::PluginHost;
 use fam_core::error::{FamError, Problem, Result};
 use fam_core::explain::Weighting;
-use crate::loader::PluginHost;
 use fam_core::plugin::{BackboneConfig, Options};
 use fam_core::traits::{InputSpec, ResizePolicy};
 
@@ -45,6 +45,10 @@ pub struct RunSection {
     /// continue an interrupted run (deleted when the run finishes).
     #[serde(default = "default_true")]
     pub checkpoint: bool,
+    /// `strict`: an image that decodes only in part (a truncated JPEG or PNG) is an item
+    /// failure; `lenient`: what decodes is explained, and the manifest lists the image.
+    #[serde(default)]
+    pub decoding: crate::preprocess::Decoding,
 }
 
 fn default_device() -> String {
@@ -457,7 +461,7 @@ impl LoadedPipeline {
     pub fn parse(path: &Path, text: &str) -> Result<Self> {
         let mut pipeline: Pipeline = toml::from_str(text).map_err(|e| FamError::Config {
             path: path.to_path_buf(),
-            message: describe_toml_error(&e),
+            message: describe_toml_error(&e, text),
         })?;
         let base = path
             .parent()
@@ -533,8 +537,12 @@ impl LoadedPipeline {
     /// without loading a model. Returns every problem found, not just the first.
     pub fn validate(&self, host: &mut PluginHost, device_override: Option<&str>) -> Vec<Problem> {
         let mut problems = self.validate_fields(host, device_override);
-        for pr in &mut problems {
-            pr.line = pr.line.or_else(|| locate(&self.source, &pr.field));
+        if let Ok(root) = toml::de::DeTable::parse(&self.source) {
+            for pr in &mut problems {
+                pr.line = pr
+                    .line
+                    .or_else(|| locate_in(&self.source, root.get_ref(), &pr.field));
+            }
         }
         problems
     }
@@ -665,86 +673,32 @@ impl LoadedPipeline {
 }
 
 /// The line (from 1) of a field such as `backbone.layer`, `render[1].kind` or
-/// `task.pairs[0].a` in a pipeline's text: the key's line inside its table, or the table's
-/// header where the key is not written out. `None` where neither is found.
+/// `task.pairs[0].a` in a pipeline's text, from the TOML parser's spans: the key's line, or,
+/// where the key is not written out, the line of the deepest part of the path that is (the
+/// table's header, the array's key). `None` where neither is found or the text is not TOML.
 pub fn locate(text: &str, field: &str) -> Option<usize> {
-    let parts: Vec<&str> = field.split('.').collect();
-    let (table, index) = match parts[0].split_once('[') {
-        Some((t, i)) => (t, i.trim_end_matches(']').parse::<usize>().ok()),
-        None => (parts[0], None),
-    };
-    let header = |line: &str| {
-        let l = line.trim();
-        let name = l
-            .strip_prefix("[[")
-            .and_then(|r| r.split("]]").next())
-            .or_else(|| l.strip_prefix('[').and_then(|r| r.split(']').next()))?;
-        Some(name.trim().to_string())
-    };
-    let lines: Vec<&str> = text.lines().collect();
-    // A key of a sub-table written as its own section, e.g. `backbone.options.size`.
-    if index.is_none() && parts.len() >= 3 {
-        let sub = format!("{}.{}", parts[0], parts[1]);
-        if let Some(h) = lines
-            .iter()
-            .position(|l| header(l).as_deref() == Some(&sub))
-        {
-            let key = parts[2].split('[').next().unwrap_or(parts[2]);
-            for (n, line) in lines.iter().enumerate().skip(h + 1) {
-                if header(line).is_some() {
-                    break;
-                }
-                let l = line.trim_start();
-                if l.strip_prefix(key)
-                    .is_some_and(|rest| rest.trim_start().starts_with('='))
-                {
-                    return Some(n + 1);
-                }
-            }
-            return Some(h + 1);
-        }
-    }
-    // The table's header: the n-th `[[table]]` for an array of tables.
-    let mut start = None;
-    let mut seen = 0;
-    for (n, line) in lines.iter().enumerate() {
-        if header(line).as_deref() == Some(table) {
-            if index.unwrap_or(0) == seen || index.is_none() {
-                start = Some(n);
-                break;
-            }
-            seen += 1;
-        }
-    }
-    let start = start?;
-    // A key inside it, or inside a sub-table such as `[backbone.options]`.
-    let key = match (index, parts.get(1)) {
-        (Some(_), Some(k)) => Some(*k),
-        (None, Some(k)) => Some(*k),
-        _ => None,
-    };
-    let Some(key) = key.map(|k| k.split('[').next().unwrap_or(k)) else {
-        return Some(start + 1);
-    };
-    let sub = format!("{table}.{key}");
-    let mut current = table.to_string();
-    for (n, line) in lines.iter().enumerate().skip(start + 1) {
-        if let Some(h) = header(line) {
-            if h == sub {
-                return Some(n + 1);
-            }
-            current = h;
-            continue;
-        }
-        let l = line.trim_start();
-        let is_key = l
-            .strip_prefix(key)
-            .is_some_and(|rest| rest.trim_start().starts_with('='));
-        if is_key && (current == table || current.starts_with(&format!("{table}."))) {
-            return Some(n + 1);
-        }
-    }
-    Some(start + 1)
+    let root = toml::de::DeTable::parse(text).ok()?;
+    locate_in(text, root.get_ref(), field)
+}
+
+fn locate_in(text: &str, root: &toml::de::DeTable<'_>, field: &str) -> Option<usize> {
+    fam_core::options::span_of(root, field).map(|span| position(text, span.start).0)
+}
+
+/// The line and column (both from 1, the column in characters) of byte `offset` of `text`.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text.as_bytes()[..offset];
+    let line_start = before
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |i| i + 1);
+    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+    let column = String::from_utf8_lossy(&before[line_start..])
+        .chars()
+        .count()
+        + 1;
+    (line, column)
 }
 
 fn prefix(section: &str, problems: Vec<Problem>) -> Vec<Problem> {
@@ -761,23 +715,37 @@ fn prefix(section: &str, problems: Vec<Problem>) -> Vec<Problem> {
         .collect()
 }
 
-/// toml's message already points at the line and column; add a suggestion for a misspelled
-/// key when serde lists the expected ones.
-fn describe_toml_error(e: &toml::de::Error) -> String {
-    let msg = e.to_string();
-    let Some(rest) = msg.split("unknown field `").nth(1) else {
-        return msg;
-    };
-    let bad = rest.split('`').next().unwrap_or_default();
-    let expected: Vec<&str> = rest
-        .split("expected ")
-        .nth(1)
-        .map(|s| s.split('`').skip(1).step_by(2).collect())
-        .unwrap_or_default();
-    match closest(bad, &expected) {
-        Some(best) => format!("{}\n  did you mean `{best}`?", msg.trim_end()),
-        None => msg,
+/// A TOML syntax or schema error at its line and column (from the error's span), with the
+/// line quoted and, for a misspelled key, the closest key serde expects.
+fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
+    let mut message = e.message().trim_end().to_string();
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let bad = rest.split('`').next().unwrap_or_default();
+        // serde lists the expected fields: "expected `a` or `b`", "expected one of `a`, `b`".
+        let expected: Vec<&str> = rest
+            .split_once("expected ")
+            .map(|(_, list)| list.split('`').skip(1).step_by(2).collect())
+            .unwrap_or_default();
+        if let Some(best) = closest(bad, &expected) {
+            message = format!("{message}; did you mean `{best}`?");
+        }
     }
+    let Some(span) = e.span() else {
+        return message;
+    };
+    let (line, column) = position(text, span.start);
+    let content = text.lines().nth(line - 1).unwrap_or_default();
+    let width = text
+        .get(span.clone())
+        .map(|s| s.lines().next().unwrap_or_default().chars().count())
+        .unwrap_or(0)
+        .clamp(1, content.chars().count().saturating_sub(column - 1).max(1));
+    let gutter = " ".repeat(line.to_string().len());
+    format!(
+        "line {line}, column {column}: {message}\n  {line} | {content}\n  {gutter} | {}{}",
+        " ".repeat(column - 1),
+        "^".repeat(width)
+    )
 }
 
 pub use fam_core::error::closest;
@@ -796,6 +764,49 @@ mod tests {
         assert_eq!(super::locate(text, "task.pairs[0].a"), Some(18));
         assert_eq!(super::locate(text, "similarity.kind"), None);
         assert_eq!(super::locate(text, "run.device"), Some(1));
+    }
+
+    #[test]
+    fn lines_come_from_the_parser_s_spans() {
+        let text = "[run]\noutput = \"o\"\n[backbone]\noptions = { size = 3 }\n[[render]]\nkind = \"overlay\"\nalpha = 2.0\n[task]\nkind = \"pair\"\npairs = [\n  { a = \"x.png\", b = \"y.png\" },\n  { a = \"z.png\",\n    b = \"w.png\" },\n]\nqueries.files = [\"q.png\"]\n";
+        let at = |f: &str| super::locate(text, f);
+        // Inline tables, array elements across lines, dotted keys.
+        assert_eq!(at("backbone.options.size"), Some(4));
+        assert_eq!(at("task.pairs[0].b"), Some(11));
+        assert_eq!(at("task.pairs[1].b"), Some(13));
+        assert_eq!(at("task.pairs[1]"), Some(12));
+        assert_eq!(at("task.pairs[7].a"), Some(10));
+        assert_eq!(at("task.queries.files"), Some(15));
+        // A renderer's options are the section's own keys; a path through a missing
+        // `options` table stops at the section.
+        assert_eq!(at("render[0].alpha"), Some(7));
+        assert_eq!(at("render[0].options.colormap"), Some(5));
+        assert_eq!(at("plugin"), None);
+        assert_eq!(super::locate("not = [toml", "not"), None);
+    }
+
+    #[test]
+    fn syntax_errors_point_at_their_line_and_column() {
+        let text = "[run]\noutput = \"o\"\n[task\nkind = \"pair\"\n";
+        let err = LoadedPipeline::parse(Path::new("p.toml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("p.toml: line 3, column 6: "), "{err}");
+        assert!(err.contains("  3 | [task\n"), "{err}");
+        let text = GOOD
+            .replace("top_k", "x")
+            .replace("[run]", "[run]\nbatch_size = \"8\"");
+        let err = LoadedPipeline::parse(Path::new("p.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 3, column 14: invalid type: string \"8\""),
+            "{err}"
+        );
+        assert!(
+            err.contains("  3 | batch_size = \"8\"\n    |              ^^^"),
+            "{err}"
+        );
     }
 
     use super::*;

@@ -17,7 +17,7 @@ pub struct NoProgress;
 impl Progress for NoProgress {}
 
 /// An item that could not be completed, with the reason.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Failure {
     pub item: String,
     pub error: String,
@@ -38,6 +38,14 @@ impl Failure {
     }
 }
 
+/// An image that decoded only in part, explained anyway (`run.decoding = "lenient"`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartialImage {
+    pub image: String,
+    /// Why it is incomplete.
+    pub cause: String,
+}
+
 /// What a run did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunReport {
@@ -45,13 +53,15 @@ pub struct RunReport {
     pub items_total: usize,
     pub items_ok: usize,
     pub failures: Vec<Failure>,
+    /// Images explained although they decoded only in part (lenient decoding).
+    pub partial_images: Vec<PartialImage>,
     pub files_written: usize,
     pub counts: Counts,
     pub timings_ms: Timings,
 }
 
 /// How much work the run did.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Counts {
     /// Images that went through the backbone.
     pub images_forwarded: usize,
@@ -66,7 +76,7 @@ pub struct Counts {
 }
 
 /// Wall time of each stage, in milliseconds.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Timings {
     pub load_models: f64,
     pub decode_preprocess: f64,

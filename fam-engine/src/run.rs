@@ -8,10 +8,13 @@ use std::time::Instant;
 use fam_core::error::{FamError, Result};
 use fam_core::explain::Explanation;
 
+use fam_core::records::{document_bytes, ReportRow};
+
 use crate::cache::FeatureCache;
+use crate::documents::{Items, Manifest};
+use crate::loader::PluginHost;
 use crate::output::{write_atomic, OutputDir};
 use crate::pipeline::LoadedPipeline;
-use crate::loader::PluginHost;
 use crate::tasks::{task_of, TaskContext};
 
 pub use crate::report::{ms, Counts, Failure, NoProgress, Progress, RunReport, Timings};
@@ -136,6 +139,7 @@ pub fn run_with_session(
         }
     }
     let mut failures = Vec::new();
+    let mut partial_images = Vec::new();
     let mut counts = Counts::default();
     let mut ctx = TaskContext {
         p,
@@ -145,6 +149,7 @@ pub fn run_with_session(
         timings: &mut timings,
         counts: &mut counts,
         failures: &mut failures,
+        partial: &mut partial_images,
         shard,
         checkpoint: checkpoint.as_ref(),
     };
@@ -184,6 +189,7 @@ pub fn run_with_session(
         files_written: out.written().len() + 1,
         counts,
         failures,
+        partial_images,
         timings_ms: timings,
     };
     write_manifest(&mut out, p, session, &explanation, &report, shard)?;
@@ -204,25 +210,27 @@ fn write_manifest(
     report: &RunReport,
     shard: Option<crate::pipeline::Shard>,
 ) -> Result<()> {
-    let manifest = serde_json::json!({
-        "fam_version": env!("CARGO_PKG_VERSION"),
-        "pipeline": p.path.display().to_string(),
-        "shard": shard.map(|s| format!("{}/{}", s.index + 1, s.count)),
-        "info": explanation.info,
-        "device": format!("{:?}", session.device),
-        "input": session.spec,
-        "items": {
-            "total": report.items_total,
-            "ok": report.items_ok,
-            "failed": report.items_total - report.items_ok,
+    let manifest = Manifest {
+        fam_version: env!("CARGO_PKG_VERSION").into(),
+        pipeline: p.path.display().to_string(),
+        shard: shard.map(|s| format!("{}/{}", s.index + 1, s.count)),
+        merged_from: None,
+        info: explanation.info.clone(),
+        device: format!("{:?}", session.device),
+        input: session.spec.clone(),
+        items: Items {
+            total: report.items_total,
+            ok: report.items_ok,
+            failed: report.items_total - report.items_ok,
         },
-        "counts": report.counts,
-        "files": out.written(),
-        "failures": report.failures,
-        "timings_ms": report.timings_ms,
-    });
-    let bytes =
-        serde_json::to_vec_pretty(&manifest).map_err(|e| FamError::invalid(e.to_string()))?;
+        counts: report.counts.clone(),
+        comparisons: explanation.comparisons.iter().map(ReportRow::of).collect(),
+        files: out.written().to_vec(),
+        failures: report.failures.clone(),
+        partial_images: report.partial_images.clone(),
+        timings_ms: report.timings_ms.clone(),
+    };
+    let bytes = document_bytes(&manifest)?;
     out.set_writer("fam");
     write_atomic(&out.root().join("manifest.json"), &bytes)
 }

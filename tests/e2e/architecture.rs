@@ -18,7 +18,10 @@ fn crates() -> Vec<(String, PathBuf)> {
         .iter()
         .map(|m| {
             let dir = root().join(m.as_str().unwrap());
-            let name = package(&dir)["package"]["name"].as_str().unwrap().to_string();
+            let name = package(&dir)["package"]["name"]
+                .as_str()
+                .unwrap()
+                .to_string();
             (name, dir)
         })
         .collect()
@@ -36,7 +39,10 @@ fn module_of(src: &Path, file: &Path) -> String {
         .components()
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
         .collect();
-    if matches!(parts.last().map(String::as_str), Some("mod" | "lib" | "main")) {
+    if matches!(
+        parts.last().map(String::as_str),
+        Some("mod" | "lib" | "main")
+    ) {
         parts.pop();
     }
     parts.join("::")
@@ -57,11 +63,15 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 /// (tests may use anything). Macro bodies' `$crate::` paths are not imports of the module
 /// that defines the macro: they expand in the caller.
 fn code(text: &str) -> String {
-    let text = ["#[cfg(test)]\nmod tests", "#[cfg(test)]\npub(crate) mod tests", "#[cfg(test)]\npub mod tests"]
-        .iter()
-        .filter_map(|m| text.find(m))
-        .min()
-        .map_or(text, |i| &text[..i]);
+    let text = [
+        "#[cfg(test)]\nmod tests",
+        "#[cfg(test)]\npub(crate) mod tests",
+        "#[cfg(test)]\npub mod tests",
+    ]
+    .iter()
+    .filter_map(|m| text.find(m))
+    .min()
+    .map_or(text, |i| &text[..i]);
     text.lines()
         .map(|l| match l.find("//") {
             Some(i) => &l[..i],
@@ -151,7 +161,10 @@ fn references(code: &str, module: &str, modules: &BTreeSet<String>) -> BTreeSet<
         .collect();
     let mut i = 0;
     while i < bytes.len() {
-        let starts_word = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_' || bytes[i - 1] == b':');
+        let starts_word = i == 0
+            || !(bytes[i - 1].is_ascii_alphanumeric()
+                || bytes[i - 1] == b'_'
+                || bytes[i - 1] == b':');
         if !starts_word || !(bytes[i].is_ascii_alphabetic() || bytes[i] == b'_') {
             i += 1;
             continue;
@@ -248,26 +261,38 @@ fn module_graph(dir: &Path) -> BTreeMap<String, BTreeSet<String>> {
             let m = module_of(&src, f);
             let text = code(&std::fs::read_to_string(f).unwrap());
             let refs = references(&text, &m, &modules);
-            (if m.is_empty() { "(root)".into() } else { m }, refs.into_iter().map(|r| if r.is_empty() { "(root)".into() } else { r }).collect())
+            (
+                if m.is_empty() { "(root)".into() } else { m },
+                refs.into_iter()
+                    .map(|r| if r.is_empty() { "(root)".into() } else { r })
+                    .collect(),
+            )
         })
         .collect()
 }
 
 #[test]
 fn the_cycle_finder_finds_cycles() {
-    let modules: BTreeSet<String> = ["", "a", "b", "t", "t::x"].iter().map(|s| s.to_string()).collect();
-    let refs = references("use crate::{a::F, b::{G, H}};\nfn f() { super::helper(); }", "t::x", &modules);
-    assert_eq!(refs, ["a", "b", "t"].iter().map(|s| s.to_string()).collect());
+    let modules: BTreeSet<String> = ["", "a", "b", "t", "t::x"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let refs = references(
+        "use crate::{a::F, b::{G, H}};\nfn f() { super::helper(); }",
+        "t::x",
+        &modules,
+    );
+    assert_eq!(
+        refs,
+        ["a", "b", "t"].iter().map(|s| s.to_string()).collect()
+    );
     let refs = references("use x::Y;", "t", &modules);
     assert!(refs.contains("t::x"), "{refs:?}");
-    let g: BTreeMap<String, BTreeSet<String>> = [
-        ("a", vec!["b"]),
-        ("b", vec!["c"]),
-        ("c", vec!["a"]),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.into_iter().map(String::from).collect()))
-    .collect();
+    let g: BTreeMap<String, BTreeSet<String>> =
+        [("a", vec!["b"]), ("b", vec!["c"]), ("c", vec!["a"])]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.into_iter().map(String::from).collect()))
+            .collect();
     assert_eq!(find_cycle(&g).unwrap(), ["a", "b", "c", "a"]);
 }
 
@@ -301,11 +326,26 @@ fn fam_core_is_the_api_and_plugins_link_no_application() {
         );
     }
     let g = module_graph(&core);
-    for application in ["pipeline", "run", "loader", "tasks", "cache", "eval", "bench", "merge", "preprocess"] {
-        assert!(!g.contains_key(application), "fam-core has a `{application}` module");
+    for application in [
+        "pipeline",
+        "run",
+        "loader",
+        "tasks",
+        "cache",
+        "eval",
+        "bench",
+        "merge",
+        "preprocess",
+    ] {
+        assert!(
+            !g.contains_key(application),
+            "fam-core has a `{application}` module"
+        );
     }
     for (name, dir) in crates() {
-        if dir.starts_with(root().join("fam-plugins")) || dir.starts_with(root().join("tests/plugins")) {
+        if dir.starts_with(root().join("fam-plugins"))
+            || dir.starts_with(root().join("tests/plugins"))
+        {
             for d in deps(&dir) {
                 assert!(
                     d != "fam-engine" && d != "fam-cli",

@@ -108,6 +108,9 @@ fn a_folder_of_good_and_broken_images_renders_every_good_one() {
     // Broken: (file, the error text expected in manifest.json).
     let full = std::fs::read(image("astronaut.png")).unwrap();
     std::fs::write(g.join("truncated.png"), &full[..5000]).unwrap();
+    // A JPEG cut short decodes into a partly grey image; it is refused, as PIL refuses it.
+    let jpeg = std::fs::read(image("china.jpg")).unwrap();
+    std::fs::write(g.join("truncated.jpg"), &jpeg[..jpeg.len() / 2]).unwrap();
     std::fs::write(
         g.join("random.jpg"),
         (0..3000u32)
@@ -119,10 +122,14 @@ fn a_folder_of_good_and_broken_images_renders_every_good_one() {
     std::fs::write(g.join("anim.png"), b"GIF89a\x01\x00\x01\x00\x00\x00\x00;").unwrap();
     std::fs::write(g.join("empty.jpg"), b"").unwrap();
     bomb(&g.join("bomb.png"));
-    let broken: [(&str, &str); 6] = [
+    let broken: [(&str, &str); 7] = [
         (
             "truncated.png",
-            "cannot decode image: unexpected end of file",
+            "cannot decode image: truncated PNG: the data ends before the IEND chunk",
+        ),
+        (
+            "truncated.jpg",
+            "cannot decode image: truncated JPEG: the data ends before the end-of-image marker",
         ),
         (
             "random.jpg",
@@ -188,6 +195,40 @@ fn a_folder_of_good_and_broken_images_renders_every_good_one() {
     }
     assert_eq!(hits.len(), 5);
     assert!(dir.join("out/panels/chelsea_mirror.png").is_file());
+
+    // Lenient decoding explains what the cut files hold, and the manifest says which.
+    let text = std::fs::read_to_string(&p).unwrap();
+    let lenient = dir.join("lenient.toml");
+    std::fs::write(
+        &lenient,
+        text.replacen("[run]\n", "[run]\ndecoding = \"lenient\"\n", 1)
+            .replace("out\"", "out-lenient\""),
+    )
+    .unwrap();
+    let r = run(fam().args(["-q", "run"]).arg(&lenient));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let manifest = json(&dir.join("out-lenient/manifest.json"));
+    let partial = manifest["partial_images"].as_array().unwrap();
+    let named: Vec<&str> = partial
+        .iter()
+        .map(|p| p["image"].as_str().unwrap())
+        .collect();
+    assert_eq!(named.len(), 2, "{partial:?}");
+    for (file, cause) in [
+        ("truncated.jpg", "truncated JPEG"),
+        ("truncated.png", "truncated PNG"),
+    ] {
+        let p = partial
+            .iter()
+            .find(|p| p["image"].as_str().unwrap().ends_with(file))
+            .unwrap_or_else(|| panic!("{file} not in {partial:?}"));
+        assert!(p["cause"].as_str().unwrap().contains(cause), "{p}");
+    }
+    assert_eq!(
+        manifest["failures"].as_array().unwrap().len(),
+        broken.len() - 2,
+        "{manifest}"
+    );
 }
 
 /// Broken models, layers and output folders: exit code 2 and the exact reason.

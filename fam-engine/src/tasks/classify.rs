@@ -9,7 +9,8 @@ use fam_core::error::Result;
 use fam_core::explain::{rank_key, Comparison, Explanation, Side, Target, Transform};
 
 use super::context::{Task, TaskContext, TaskOutput};
-use super::labelled::{attach_maps, labelled_sets, write_json, Labelled, Tally};
+use super::labelled::{attach_maps, labelled_sets, write_json, Labelled, PerClass, Tally};
+use crate::documents::PredictionsDocument;
 use crate::maps::MapJob;
 use crate::output::OutputDir;
 use crate::pipeline::{labelled_images, ClassifyMethod};
@@ -155,7 +156,13 @@ fn run_classify(
                     )
                 }
             };
-            tally.record(&q.paths[j], &q.labels[j], &pred, "votes", votes.into_iter());
+            tally.record(
+                &q.paths[j],
+                &q.labels[j],
+                &pred,
+                PerClass::Votes,
+                votes.into_iter(),
+            );
             Ok(())
         })();
         if let Err(err) = result {
@@ -171,14 +178,14 @@ fn run_classify(
     write_json(
         out,
         "predictions.json",
-        &serde_json::json!({
-            "method": method,
-            "k": k,
-            "classes": classes,
-            "transform": tf,
-            "accuracy": accuracy,
-            "predictions": tally.predictions,
-        }),
+        &PredictionsDocument {
+            method,
+            k,
+            classes: classes.clone(),
+            transform: tf,
+            accuracy,
+            predictions: tally.predictions,
+        },
     )?;
     Ok((
         Explanation {

@@ -13,7 +13,7 @@ use crate::maps::{compute_maps, MapJob};
 use crate::output::{safe_stem, OutputDir};
 use crate::pipeline::LoadedPipeline;
 use crate::preprocess;
-use crate::report::{Counts, Failure, Progress, Timings};
+use crate::report::{Counts, Failure, PartialImage, Progress, Timings};
 use crate::session::Session;
 
 /// A task: what a pipeline's `[task]` section runs. It embeds the images it needs through
@@ -46,6 +46,8 @@ pub struct TaskContext<'a> {
     pub timings: &'a mut Timings,
     pub counts: &'a mut Counts,
     pub failures: &'a mut Vec<Failure>,
+    /// Images explained although they decoded only in part.
+    pub partial: &'a mut Vec<PartialImage>,
     /// The part of the items to run (`--shard`), or all.
     pub shard: Option<crate::pipeline::Shard>,
     /// Where forward passes are saved and, on `--resume`, read back.
@@ -108,6 +110,8 @@ impl TaskContext<'_> {
             self.timings,
             self.counts,
             self.checkpoint,
+            self.p.pipeline.run.decoding,
+            self.partial,
         )
     }
 }
@@ -144,4 +148,3 @@ impl UniqueIds {
         }
     }
 }
-

@@ -7,7 +7,8 @@ use fam_core::error::{FamError, Result};
 use fam_core::explain::{rank_key, Comparison, Contrast, Explanation, Side, Target, Transform};
 
 use super::context::{Task, TaskContext, TaskOutput};
-use super::labelled::{attach_maps, labelled_sets, write_json, Labelled, Tally};
+use super::labelled::{attach_maps, labelled_sets, write_json, Labelled, PerClass, Tally};
+use crate::documents::EpisodeDocument;
 use crate::maps::MapJob;
 use crate::output::OutputDir;
 use crate::pipeline::labelled_images;
@@ -156,7 +157,7 @@ fn run_few_shot(
                 });
             }
             let by_class = scores.iter().map(|(c, s)| (classes[*c].clone(), *s));
-            tally.record(&q.paths[j], &q.labels[j], pred, "scores", by_class);
+            tally.record(&q.paths[j], &q.labels[j], pred, PerClass::Scores, by_class);
             Ok(())
         })();
         if let Err(err) = result {
@@ -181,14 +182,14 @@ fn run_few_shot(
     write_json(
         out,
         "episode.json",
-        &serde_json::json!({
-            "classes": classes,
-            "shots": by_class.iter().map(|(c, v)| (c.clone(), serde_json::json!(v.len()))).collect::<serde_json::Map<_, _>>(),
-            "transform": tf,
-            "contrast": contrast,
-            "accuracy": accuracy,
-            "predictions": tally.predictions,
-        }),
+        &EpisodeDocument {
+            classes: classes.clone(),
+            shots: by_class.iter().map(|(c, v)| (c.clone(), v.len())).collect(),
+            transform: tf,
+            contrast,
+            accuracy,
+            predictions: tally.predictions,
+        },
     )?;
     Ok((
         Explanation {

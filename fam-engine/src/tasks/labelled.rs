@@ -4,10 +4,13 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use fam_core::error::{FamError, Result};
+use fam_core::error::Result;
 use fam_core::explain::{Comparison, ImageRecord, Transform};
 
 use super::context::{TaskContext, UniqueIds};
+use fam_core::records::document_bytes;
+
+use crate::documents::Prediction;
 use crate::embed::Embedded;
 use crate::maps::MapJob;
 use crate::output::{OutputDir, OutputSink};
@@ -160,31 +163,36 @@ pub(super) fn labelled_sets(
 pub(super) struct Tally {
     pub(super) correct: usize,
     pub(super) labelled: usize,
-    pub(super) predictions: Vec<serde_json::Value>,
+    pub(super) predictions: Vec<Prediction>,
 }
 
 impl Tally {
-    /// Records one query's prediction with its per-class numbers under `key`.
+    /// Records one query's prediction with its per-class numbers under `key` (`scores` or
+    /// `votes`).
     pub(super) fn record(
         &mut self,
         path: &std::path::Path,
         label: &Option<String>,
         pred: &str,
-        key: &str,
+        key: PerClass,
         per_class: impl Iterator<Item = (String, f32)>,
     ) {
         if let Some(l) = label {
             self.labelled += 1;
             self.correct += usize::from(l == pred);
         }
-        let per_class: serde_json::Map<_, _> =
-            per_class.map(|(c, v)| (c, serde_json::json!(v))).collect();
-        self.predictions.push(serde_json::json!({
-            "query": path.display().to_string(),
-            "label": label,
-            "predicted": pred,
-            key: per_class,
-        }));
+        let per_class: BTreeMap<String, f32> = per_class.collect();
+        let (scores, votes) = match key {
+            PerClass::Scores => (Some(per_class), None),
+            PerClass::Votes => (None, Some(per_class)),
+        };
+        self.predictions.push(Prediction {
+            query: path.display().to_string(),
+            label: label.clone(),
+            predicted: pred.to_string(),
+            scores,
+            votes,
+        });
     }
 
     pub(super) fn accuracy(&self) -> Option<f64> {
@@ -192,14 +200,21 @@ impl Tally {
     }
 }
 
-pub(super) fn write_json(out: &mut OutputDir, name: &str, doc: &serde_json::Value) -> Result<()> {
-    out.set_writer("fam");
-    out.write(
-        name,
-        &serde_json::to_vec_pretty(doc).map_err(|e| FamError::invalid(e.to_string()))?,
-    )
+/// What a prediction's per-class numbers are.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum PerClass {
+    Scores,
+    Votes,
 }
 
+pub(super) fn write_json<T: serde::Serialize>(
+    out: &mut OutputDir,
+    name: &str,
+    doc: &T,
+) -> Result<()> {
+    out.set_writer("fam");
+    out.write(name, &document_bytes(doc)?)
+}
 
 /// Attaches the maps: the query side always; the reference side where it is an image that
 /// was explained too (kNN neighbours; not prototypes, centroids, or the query behind a

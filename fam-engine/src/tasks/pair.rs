@@ -73,8 +73,12 @@ fn run_pairs(
         let (ua, ub) = (slot_of(a), slot_of(b));
         let item = format!("pair {} ({} vs {})", i + 1, a.display(), b.display());
         let result = (|| -> Result<(Comparison, [MapJob; 2])> {
-            let ia = emb.slot[ua].clone().map_err(FamError::invalid)?;
-            let ib = emb.slot[ub].clone().map_err(FamError::invalid)?;
+            let failed = |path: &PathBuf, message: String| FamError::Item {
+                item: path.display().to_string(),
+                message,
+            };
+            let ia = emb.slot[ua].clone().map_err(|m| failed(a, m))?;
+            let ib = emb.slot[ub].clone().map_err(|m| failed(b, m))?;
             let (ea, eb) = (&emb.embeddings[ia], &emb.embeddings[ib]);
             let sim = session.similarity.as_ref();
             let score = sim.score(ea, eb)?;
@@ -124,4 +128,3 @@ fn run_pairs(
     };
     Ok((explanation, pairs.len()))
 }
-

@@ -7,18 +7,20 @@ use std::time::Instant;
 
 use fam_core::candle::Tensor;
 
+use super::context::{Task, TaskContext, TaskOutput, UniqueIds};
 use crate::cache::{sha256_hex, FeatureCache};
-use fam_core::error::{CandleContext, FamError, Result};
-use fam_core::explain::{rank_key, Comparison, Explanation, ImageRecord, Side, Target};
+use crate::documents::{Hit, QueryRanking, RetrievalDocument};
+use crate::maps::MapJob;
 use crate::output::{OutputDir, OutputSink};
 use crate::pipeline::ImageSet;
-use super::context::{Task, TaskContext, TaskOutput, UniqueIds};
 use crate::preprocess::{self, Prepared};
-use crate::maps::MapJob;
 use crate::report::{ms, Failure};
+use fam_core::error::{CandleContext, FamError, Result};
+use fam_core::explain::{rank_key, Comparison, Explanation, ImageRecord, Side, Target};
+use fam_core::records::document_bytes;
 
 /// A ranked hit: gallery index, score, distance.
-type Hit = (usize, f32, Option<f32>);
+type Ranked = (usize, f32, Option<f32>);
 
 /// One gallery image: its content key and embedding (or why it has none).
 struct GalleryItem {
@@ -119,7 +121,7 @@ fn run_retrieval(
     // Rank every query against the gallery.
     let t = Instant::now();
     let sim = ctx.session.similarity.as_ref();
-    let mut rankings: Vec<(usize, Vec<Hit>)> = Vec::new();
+    let mut rankings: Vec<(usize, Vec<Ranked>)> = Vec::new();
     for (i, path) in queries.iter().enumerate() {
         let Ok(slot) = q.slot[i] else { continue };
         let e = &q.embeddings[slot];
@@ -160,7 +162,11 @@ fn run_retrieval(
     hit_ids.dedup();
     let hit_paths: Vec<&Path> = hit_ids.iter().map(|&g| gallery[g].path.as_path()).collect();
     let t = Instant::now();
-    let hit_views = preprocess::prepare_files(&hit_paths, &ctx.session.spec);
+    let hit_views: Vec<Result<Prepared>> =
+        preprocess::prepare_files_with(&hit_paths, &ctx.session.spec, ctx.p.pipeline.run.decoding)
+            .into_iter()
+            .map(|r| r.map(|(prepared, _)| prepared))
+            .collect();
     ctx.timings.decode_preprocess += ms(t);
     let mut hit_maps: Vec<Option<Tensor>> = vec![None; hit_ids.len()];
     let mut to_forward: Vec<usize> = Vec::new();
@@ -234,10 +240,10 @@ fn run_retrieval(
         let e = &q.embeddings[*qs];
         for (rank, (g, score, distance)) in hits.iter().enumerate() {
             let Some(&hr) = hit_rec.get(g) else { continue };
-            let r = gallery[*g]
-                .embedding
-                .as_ref()
-                .map_err(|e| FamError::invalid(e.clone()))?;
+            let r = gallery[*g].embedding.as_ref().map_err(|e| FamError::Item {
+                item: gallery[*g].path.display().to_string(),
+                message: e.clone(),
+            })?;
             // Hit records follow the query records, in the same order as `hit_tensors`.
             let hit_index = nq + hr + hit_tensors.len() - images.len();
             let weighting = ctx.p.pipeline.explain.weighting;
@@ -285,31 +291,29 @@ fn run_retrieval(
     ctx.timings.fam += ms(t);
 
     // The ranking, for programs.
-    let ranking: Vec<_> = rankings
-        .iter()
-        .map(|(i, hits)| {
-            serde_json::json!({
-                "query": queries[*i].display().to_string(),
-                "hits": hits.iter().enumerate().map(|(r, (g, s, d))| serde_json::json!({
-                    "rank": r + 1,
-                    "image": gallery[*g].path.display().to_string(),
-                    "score": s,
-                    "distance": d,
-                })).collect::<Vec<_>>(),
+    let doc = RetrievalDocument {
+        top_k: *top_k,
+        gallery_size: gallery.len(),
+        gallery_embedded: gallery.iter().filter(|g| g.embedding.is_ok()).count(),
+        queries: rankings
+            .iter()
+            .map(|(i, hits)| QueryRanking {
+                query: queries[*i].display().to_string(),
+                hits: hits
+                    .iter()
+                    .enumerate()
+                    .map(|(r, (g, s, d))| Hit {
+                        rank: r + 1,
+                        image: gallery[*g].path.display().to_string(),
+                        score: *s,
+                        distance: *d,
+                    })
+                    .collect(),
             })
-        })
-        .collect();
-    let doc = serde_json::json!({
-        "top_k": top_k,
-        "gallery_size": gallery.len(),
-        "gallery_embedded": gallery.iter().filter(|g| g.embedding.is_ok()).count(),
-        "queries": ranking,
-    });
+            .collect(),
+    };
     out.set_writer("fam");
-    out.write(
-        "retrieval.json",
-        &serde_json::to_vec_pretty(&doc).map_err(|e| FamError::invalid(e.to_string()))?,
-    )?;
+    out.write("retrieval.json", &document_bytes(&doc)?)?;
 
     let explanation = Explanation {
         info: ctx.info("retrieval"),

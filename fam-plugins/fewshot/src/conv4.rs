@@ -186,7 +186,7 @@ impl Backbone for Conv4 {
             }
             _ => self.forward_t(batch, false).map_err(|e| FamError::Candle {
                 context: "conv4 forward".into(),
-                source: e,
+                cause: e,
             })?,
         };
         if self.flatten {

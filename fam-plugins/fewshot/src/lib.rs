@@ -16,12 +16,11 @@ use std::path::Path;
 
 use candle_nn::VarBuilder;
 use fam_core::candle::{DType, Device, Tensor};
+use fam_core::options::{self, serde::Deserialize};
 use fam_core::plugin::{BackboneConfig, Registrar};
 use fam_core::{FamError, Problem, Result};
 
 fam_core::export_plugin!(name: "fewshot", register: register);
-
-const OPTIONS: [&str; 3] = ["hidden", "size", "embedding"];
 
 /// Registers the backbones.
 pub fn register(r: &mut Registrar) {
@@ -61,24 +60,60 @@ fn validate(cfg: &BackboneConfig) -> Vec<Problem> {
             out.push(Problem::new("layer", e));
         }
     }
-    for (k, v) in &cfg.options {
-        if !OPTIONS.contains(&k.as_str()) {
-            out.push(Problem::unknown_option(format!("options.{k}"), k, &OPTIONS));
-        } else if k == "embedding" {
-            if !matches!(v.as_str(), Some("gap") | Some("flatten")) {
-                out.push(Problem::new(
-                    "options.embedding",
-                    format!("{v} is not \"gap\" or \"flatten\""),
-                ));
-            }
-        } else if !v.as_integer().is_some_and(|i| (1..=4096).contains(&i)) {
-            out.push(Problem::new(
-                format!("options.{k}"),
-                format!("{v} is not a positive integer"),
-            ));
-        }
-    }
+    out.extend(options::check(&cfg.options, "options", check_conv4));
     out
+}
+
+/// Options of `conv4` (`[backbone.options]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(crate = "fam_core::options::serde", deny_unknown_fields)]
+pub struct Conv4Options {
+    /// Channels of each block (default 64).
+    #[serde(default = "default_hidden")]
+    pub hidden: usize,
+    /// Input side in pixels (default 28).
+    #[serde(default = "default_size")]
+    pub size: u32,
+    /// How the embedding is made from the feature layer (default `gap`).
+    #[serde(default)]
+    pub embedding: Conv4Embedding,
+}
+
+/// `embedding` of `conv4`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(crate = "fam_core::options::serde", rename_all = "lowercase")]
+pub enum Conv4Embedding {
+    /// Global average pooling.
+    #[default]
+    Gap,
+    /// The flattened feature map, as ProtoNet.
+    Flatten,
+}
+
+fn default_hidden() -> usize {
+    64
+}
+
+fn default_size() -> u32 {
+    28
+}
+
+/// What serde cannot check: the sizes are from 1 to 4096.
+fn check_conv4(o: &Conv4Options) -> Vec<Problem> {
+    [("hidden", o.hidden), ("size", o.size as usize)]
+        .into_iter()
+        .filter(|(_, v)| !(1..=4096).contains(v))
+        .map(|(k, v)| Problem::new(k, format!("{v} is not a positive integer (1 to 4096)")))
+        .collect()
+}
+
+/// Options of `resnet18`, `resnet50` and `resnet12` (`[backbone.options]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(crate = "fam_core::options::serde", deny_unknown_fields)]
+pub struct ResNetOptions {
+    /// Stripped from the checkpoint's keys first, e.g. `module.encoder_q.` (default none).
+    #[serde(default)]
+    pub prefix: String,
 }
 
 /// The parameter names a Conv-4 checkpoint must hold.
@@ -151,8 +186,6 @@ pub fn check_keys(
     Ok(())
 }
 
-const RESNET_OPTIONS: [&str; 1] = ["prefix"];
-
 fn validate_resnet(cfg: &BackboneConfig) -> Vec<Problem> {
     let mut out = Vec::new();
     if cfg.weights.is_none() {
@@ -166,20 +199,11 @@ fn validate_resnet(cfg: &BackboneConfig) -> Vec<Problem> {
             out.push(Problem::new("layer", e));
         }
     }
-    for (k, v) in &cfg.options {
-        if !RESNET_OPTIONS.contains(&k.as_str()) {
-            out.push(Problem::unknown_option(
-                format!("options.{k}"),
-                k,
-                &RESNET_OPTIONS,
-            ));
-        } else if v.as_str().is_none() {
-            out.push(Problem::new(
-                format!("options.{k}"),
-                format!("{v} is not a string"),
-            ));
-        }
-    }
+    out.extend(options::check::<ResNetOptions>(
+        &cfg.options,
+        "options",
+        |_| vec![],
+    ));
     out
 }
 
@@ -191,12 +215,8 @@ pub fn load_resnet(cfg: &BackboneConfig, device: &Device) -> Result<resnet::ResN
         .ok_or_else(|| FamError::invalid("a ResNet needs `weights`"))?;
     let depth =
         resnet::parse_layer(cfg.layer.as_deref().unwrap_or("layer4")).map_err(FamError::invalid)?;
-    let prefix = cfg
-        .options
-        .get("prefix")
-        .and_then(|v| v.as_str())
-        .unwrap_or("");
-    let sd = resnet::strip_prefix(fam_weights::load_state_dict(path)?, prefix);
+    let options = options::load::<ResNetOptions>(&cfg.options, "options", |_| vec![])?;
+    let sd = resnet::strip_prefix(fam_weights::load_state_dict(path)?, &options.prefix);
     if cfg.kind == "resnet12" {
         let mut keys = Vec::new();
         for l in 1..=depth {
@@ -232,8 +252,7 @@ fn load_conv4(cfg: &BackboneConfig, device: &Device) -> Result<conv4::Conv4> {
         .ok_or_else(|| FamError::invalid("conv4 needs `weights`"))?;
     let depth = conv4::parse_layer(cfg.layer.as_deref().unwrap_or("encoder.3"))
         .map_err(FamError::invalid)?;
-    let opt =
-        |k: &str, d: i64| cfg.options.get(k).and_then(|v| v.as_integer()).unwrap_or(d) as usize;
+    let options = options::load(&cfg.options, "options", check_conv4)?;
     let sd = fam_weights::load_state_dict(path)?;
     check_keys(&sd, &conv4_keys(), &["projection."], path)?;
     let sd: HashMap<String, Tensor> = sd
@@ -241,13 +260,15 @@ fn load_conv4(cfg: &BackboneConfig, device: &Device) -> Result<conv4::Conv4> {
         .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
         .collect::<Result<_>>()?;
     let vb = VarBuilder::from_tensors(sd, DType::F32, device);
-    let flatten = cfg.options.get("embedding").and_then(|v| v.as_str()) == Some("flatten");
-    Ok(
-        conv4::Conv4::new(vb, opt("hidden", 64), depth, opt("size", 28) as u32)
-            .map_err(|e| FamError::weights(path, e.to_string()))?
-            .with_flatten(flatten)
-            .for_inference()?,
-    )
+    let Conv4Options {
+        hidden,
+        size,
+        embedding,
+    } = options;
+    conv4::Conv4::new(vb, hidden, depth, size)
+        .map_err(|e| FamError::weights(path, e.to_string()))?
+        .with_flatten(embedding == Conv4Embedding::Flatten)
+        .for_inference()
 }
 
 #[cfg(test)]
@@ -294,6 +315,58 @@ mod tests {
             problems
                 .iter()
                 .any(|p| p.contains("did you mean `embedding`?")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn options_are_typed() {
+        let mut cfg = BackboneConfig {
+            kind: "conv4".into(),
+            weights: Some("w.safetensors".into()),
+            ..Default::default()
+        };
+        assert!(validate(&cfg).is_empty());
+        cfg.options.insert("hidden".into(), 0.into());
+        cfg.options.insert("size".into(), "big".into());
+        cfg.options.insert("embedding".into(), "mean".into());
+        let problems: Vec<String> = validate(&cfg).iter().map(|p| p.to_string()).collect();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        for needle in [
+            "options.embedding: unknown variant `mean`, expected `gap` or `flatten`",
+            "options.size: invalid type: string \"big\"",
+            "options.hidden: 0 is not a positive integer (1 to 4096)",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(needle)),
+                "{needle}: {problems:?}"
+            );
+        }
+        let err = load_conv4(&cfg, &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("options.hidden: 0 is not"), "{err}");
+        let mut cfg = BackboneConfig {
+            kind: "resnet18".into(),
+            weights: Some("w.safetensors".into()),
+            ..Default::default()
+        };
+        cfg.options.insert("prefix".into(), 1.into());
+        cfg.options.insert("prefx".into(), "m.".into());
+        let problems: Vec<String> = validate_resnet(&cfg)
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems.iter().any(
+                |p| p.contains("options.prefx: unknown option `prefx`; did you mean `prefix`?")
+            ),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p
+                    .starts_with("options.prefix: invalid type: integer `1`, expected a string")),
             "{problems:?}"
         );
     }

@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use fam_core::candle::{DType, Device, Tensor};
-use fam_weights::StateDict;
 use fam_core::{Backbone, FamError, Features, InputSpec, Result};
 use fam_nn::{Act, ConvBn};
+use fam_weights::StateDict;
 
 #[derive(Debug, Clone)]
 struct Block {

@@ -6,36 +6,36 @@
 //! | cosine    | `e·r / (‖e‖‖r‖)`           | `e_k r_k / (‖e‖‖r‖)`        |
 //! | euclidean | `‖r‖² − ‖e − r‖²`          | `e_k (2 r_k − e_k)`         |
 
+use fam_core::options::{self, NoOptions};
 use fam_core::plugin::{Options, Registrar};
 use fam_core::{FamError, Problem, Result, Similarity};
 
 fam_core::export_plugin!(name: "metrics", register: register);
 
-/// Registers `cosine` and `euclidean`.
+/// Registers `cosine` and `euclidean`; neither takes options ([`NoOptions`]).
 pub fn register(r: &mut Registrar) {
     r.similarity(
         "cosine",
         "cosine similarity; c_k = e_k r_k / (|e||r|)",
-        no_options,
-        |_| Ok(Box::new(Cosine)),
+        validate_no_options,
+        |o| {
+            options::load::<NoOptions>(o, "", |_| vec![])?;
+            Ok(Box::new(Cosine))
+        },
     );
     r.similarity(
         "euclidean",
         "similarity |r|^2 - |e - r|^2 (reports the distance |e - r|); c_k = e_k (2 r_k - e_k)",
-        no_options,
-        |_| Ok(Box::new(Euclidean)),
+        validate_no_options,
+        |o| {
+            options::load::<NoOptions>(o, "", |_| vec![])?;
+            Ok(Box::new(Euclidean))
+        },
     );
 }
 
-fn no_options(o: &Options) -> Vec<Problem> {
-    o.keys()
-        .map(|k| {
-            Problem::new(
-                k.clone(),
-                format!("unknown option `{k}` (this metric takes none)"),
-            )
-        })
-        .collect()
+fn validate_no_options(o: &Options) -> Vec<Problem> {
+    options::check::<NoOptions>(o, "", |_| vec![])
 }
 
 fn check(e: &[f32], r: &[f32]) -> Result<()> {
@@ -248,6 +248,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not finite"), "{err}");
-        assert_eq!(no_options(&Options::new()), vec![]);
+        assert_eq!(validate_no_options(&Options::new()), vec![]);
+    }
+
+    #[test]
+    fn the_metrics_take_no_options() {
+        let mut o = Options::new();
+        o.insert("scale".into(), 2.into());
+        let problems = validate_no_options(&o);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "scale");
+        assert!(
+            problems[0].message.contains("unknown option `scale`"),
+            "{problems:?}"
+        );
+        let mut r = Registrar::new();
+        register(&mut r);
+        let r = r.finish().unwrap();
+        let err = r.similarities[0].create(&o).err().unwrap().to_string();
+        assert!(err.contains("scale: unknown option `scale`"), "{err}");
+        assert!(r.similarities[1].create(&Options::new()).is_ok());
     }
 }

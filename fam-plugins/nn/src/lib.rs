@@ -10,10 +10,9 @@ pub mod engine;
 pub use act::Act;
 
 use fam_core::candle::{DType, Device, IndexOp, Tensor};
-use fam_weights::{self as weights, StateDict};
 use fam_core::{FamError, Result};
+use fam_weights::{self as weights, StateDict};
 use std::path::Path;
-
 
 /// A convolution with its BatchNorm folded in: `y = act(conv(x, W') + b')` with
 /// `W' = W γ/σ`, `b' = β − μ γ/σ`, `σ = sqrt(var + eps)`.

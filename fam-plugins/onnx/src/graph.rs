@@ -114,8 +114,11 @@ impl Graph {
             mark_legacy(&mut n, opset);
             nodes.push(n);
         }
-        if let Some(report) = unsupported_report(&nodes) {
-            return Err(err(path, report));
+        if let Some(message) = unsupported_report(&nodes) {
+            return Err(FamError::UnsupportedOperator {
+                path: path.to_path_buf(),
+                message,
+            });
         }
         let inputs: Vec<(String, Vec<i64>)> = graph
             .input

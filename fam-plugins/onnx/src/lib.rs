@@ -26,6 +26,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use fam_core::candle::{DType, Device, Tensor};
+use fam_core::options::{self, serde::Deserialize};
 use fam_core::plugin::{BackboneConfig, Registrar};
 use fam_core::{Backbone, FamError, Features, InputSpec, LayerInfo, Problem, ResizePolicy, Result};
 
@@ -44,7 +45,44 @@ pub fn register(r: &mut Registrar) {
     );
 }
 
-const OPTIONS: [&str; 4] = ["input", "embedding", "output", "size"];
+/// Options of the `onnx` backbone (`[backbone.options]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(crate = "fam_core::options::serde", deny_unknown_fields)]
+pub struct OnnxOptions {
+    /// The input value (default: the graph's first input).
+    #[serde(default)]
+    pub input: Option<String>,
+    /// `gap` (default): GAP of the layer; `output`: the model's own output, through its
+    /// affine head.
+    #[serde(default)]
+    pub embedding: Embedding,
+    /// The embedding value with `embedding = "output"` (default: the graph's first output).
+    #[serde(default)]
+    pub output: Option<String>,
+    /// Input `[height, width]` (default: the graph's declared size, else 224 x 224).
+    #[serde(default)]
+    pub size: Option<Vec<u32>>,
+}
+
+/// `embedding` of the `onnx` backbone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(crate = "fam_core::options::serde", rename_all = "lowercase")]
+pub enum Embedding {
+    #[default]
+    Gap,
+    Output,
+}
+
+/// What serde cannot check: `size` is two sides from 1 to 4096.
+fn check_options(o: &OnnxOptions) -> Vec<Problem> {
+    match &o.size {
+        Some(s) if s.len() != 2 || s.iter().any(|v| !(1..=4096).contains(v)) => vec![Problem::new(
+            "size",
+            format!("{s:?} is not [height, width] (sides from 1 to 4096)"),
+        )],
+        _ => vec![],
+    }
+}
 
 /// Checks a configuration (parses the model to check the layer name; loads no weights onto a device).
 pub fn validate_config(cfg: &BackboneConfig) -> Vec<Problem> {
@@ -66,42 +104,7 @@ pub fn validate_config(cfg: &BackboneConfig) -> Vec<Problem> {
             "name the value to explain at (`fam-cli layers MODEL.onnx` lists them)",
         ));
     }
-    for (k, v) in &cfg.options {
-        match k.as_str() {
-            "embedding" => {
-                if !matches!(v.as_str(), Some("gap") | Some("output")) {
-                    out.push(Problem::new(
-                        "options.embedding",
-                        format!("{v} is not \"gap\" or \"output\""),
-                    ));
-                }
-            }
-            "input" | "output" => {
-                if v.as_str().is_none() {
-                    out.push(Problem::new(
-                        format!("options.{k}"),
-                        format!("{v} is not a string"),
-                    ));
-                }
-            }
-            "size" => {
-                let ok = v.as_array().is_some_and(|a| {
-                    a.len() == 2
-                        && a.iter()
-                            .all(|x| x.as_integer().is_some_and(|i| (1..=4096).contains(&i)))
-                });
-                if !ok {
-                    out.push(Problem::new(
-                        "options.size",
-                        format!("{v} is not [height, width]"),
-                    ));
-                }
-            }
-            _ => {
-                out.push(Problem::unknown_option(format!("options.{k}"), k, &OPTIONS));
-            }
-        }
-    }
+    out.extend(options::check(&cfg.options, "options", check_options));
     // Check the layer name against the graph: parsing the file is cheap next to a run.
     if let (Some(w), Some(layer)) = (&cfg.weights, &cfg.layer) {
         if w.is_file() {
@@ -176,13 +179,12 @@ impl OnnxBackbone {
             Some(l) => l,
             None => return Err(FamError::weights(path, "the graph declares no output")),
         };
-        let opt = |k: &str| {
-            cfg.options
-                .get(k)
-                .and_then(|v| v.as_str())
-                .map(String::from)
-        };
-        let input = match opt("input").or_else(|| graph.inputs.first().map(|i| i.0.clone())) {
+        let options = options::load(&cfg.options, "options", check_options)?;
+        let input = match options
+            .input
+            .clone()
+            .or_else(|| graph.inputs.first().map(|i| i.0.clone()))
+        {
             Some(i) => i,
             None => return Err(FamError::weights(path, "the graph has no input")),
         };
@@ -192,12 +194,9 @@ impl OnnxBackbone {
             .find(|(n, _)| *n == input)
             .map(|(_, s)| s.clone())
             .ok_or_else(|| FamError::weights(path, format!("no graph input `{input}`")))?;
-        let size = match cfg.options.get("size").and_then(|v| v.as_array()) {
-            Some(a) => (
-                a[0].as_integer().unwrap_or(224) as u32,
-                a[1].as_integer().unwrap_or(224) as u32,
-            ),
-            None => match declared.as_slice() {
+        let size = match options.size.as_deref() {
+            Some(&[h, w]) => (h, w),
+            _ => match declared.as_slice() {
                 [_, _, h, w] if *h > 0 && *w > 0 => {
                     if *h > graph::MAX_INPUT_SIDE || *w > graph::MAX_INPUT_SIDE {
                         return Err(FamError::weights(
@@ -219,8 +218,8 @@ impl OnnxBackbone {
                 format!("no value `{layer}` in the graph"),
             ));
         }
-        let output = match opt("embedding").as_deref() {
-            Some("output") => Some(match opt("output") {
+        let output = match options.embedding {
+            Embedding::Output => Some(match options.output {
                 Some(o) => o,
                 None => graph
                     .outputs
@@ -228,7 +227,7 @@ impl OnnxBackbone {
                     .cloned()
                     .ok_or_else(|| FamError::weights(path, "the graph declares no output"))?,
             }),
-            _ => None,
+            Embedding::Gap => None,
         };
         let mut targets = vec![layer.as_str()];
         if let Some(o) = &output {
@@ -385,5 +384,49 @@ impl Backbone for OnnxBackbone {
             None => Ok(None),
             Some(h) => Ok(Some((h.pullback(u)?, h.offset.clone()))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(options: &str) -> BackboneConfig {
+        BackboneConfig {
+            kind: "onnx".into(),
+            weights: Some("missing.onnx".into()),
+            layer: Some("x".into()),
+            options: fam_core::toml::from_str(options).unwrap(),
+        }
+    }
+
+    fn problems(options: &str) -> Vec<String> {
+        validate_config(&cfg(options))
+            .iter()
+            .map(|p| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn options_are_typed() {
+        assert_eq!(
+            problems("embedding = \"output\"\nsize = [112, 96]"),
+            Vec::<String>::new()
+        );
+        let o: OnnxOptions =
+            options::parse(&cfg("size = [112, 96]\ninput = \"x\"").options).unwrap();
+        assert_eq!(o.size, Some(vec![112, 96]));
+        assert_eq!(o.embedding, Embedding::Gap);
+        let p = problems("embedding = \"pool\"\nsize = [1, 2, 3]\ninput = 3\noutptu = \"z\"");
+        assert_eq!(p.len(), 4, "{p:?}");
+        for needle in [
+            "options.embedding: unknown variant `pool`, expected `gap` or `output`",
+            "options.size: [1, 2, 3] is not [height, width]",
+            "options.input: invalid type: integer `3`, expected a string",
+            "options.outptu: unknown option `outptu`; did you mean `output`?",
+        ] {
+            assert!(p.iter().any(|p| p.contains(needle)), "{needle}: {p:?}");
+        }
+        assert!(problems("size = [0, 5000]")[0].contains("is not [height, width]"));
     }
 }

@@ -88,8 +88,8 @@ pub fn eval_guarded(ctx: &Ctx, get: &dyn Fn(&str) -> Result<Tensor>) -> Result<V
 /// line: no backtraces.
 pub fn eval(ctx: &Ctx, get: &dyn Fn(&str) -> Result<Tensor>) -> Result<Vec<Tensor>> {
     let mut outs = eval_node(ctx, get).map_err(|e| match e {
-        FamError::Candle { context, source } => {
-            let msg = source.to_string();
+        FamError::Candle { context, cause } => {
+            let msg = cause.to_string();
             let msg = msg.lines().next().unwrap_or_default();
             bad(format!("{context}: {msg}"))
         }

@@ -113,8 +113,9 @@ fn head_contributions_add_up_to_the_models_cosine_score() {
             fam_engine::preprocess::prepare(&img, &spec).unwrap()
         })
         .collect();
-    let x = fam_engine::preprocess::batch_tensor(&prepared.iter().collect::<Vec<_>>(), &Device::Cpu)
-        .unwrap();
+    let x =
+        fam_engine::preprocess::batch_tensor(&prepared.iter().collect::<Vec<_>>(), &Device::Cpu)
+            .unwrap();
     let f = b.forward(&x).unwrap();
     let z: Vec<Vec<f32>> = f.embeddings.to_vec2().unwrap();
     let cosine = Cosine;

@@ -15,8 +15,12 @@ pub mod html;
 pub mod page;
 
 use fam_core::explain::{Comparison, Explanation, SaliencyMap, Side};
+use fam_core::options::serde::de::Error as _;
+use fam_core::options::serde::{Deserialize, Deserializer};
+use fam_core::options::{self, NoOptions};
 use fam_core::output::{npy_f32, OutputSink};
 use fam_core::plugin::{Options, Registrar};
+use fam_core::records::{document_bytes, ScoredComparison, ScoredSide, ScoresDocument};
 use fam_core::{FamError, Problem, Renderer, Result};
 
 use draw::Canvas;
@@ -24,70 +28,85 @@ pub use draw::Colormap;
 
 fam_core::export_plugin!(name: "render", register: register);
 
-/// Registers the renderers.
+/// Registers the renderers. Each checks its options with the struct it is built from
+/// ([`OverlayOptions`], [`html::HtmlOptions`], or [`NoOptions`]).
 pub fn register(r: &mut Registrar) {
     r.renderer(
         "overlay",
         "heatmap over the image, one PNG per map (options: colormap, alpha)",
-        |o| check_options(o, &["colormap", "alpha"]),
+        |o| options::check(o, "", check_overlay),
         |o| Ok(Box::new(Overlay::from_options(o)?)),
     );
     r.renderer(
         "panel",
         "one PNG per comparison: both images, both maps, the score (options: colormap, alpha)",
-        |o| check_options(o, &["colormap", "alpha"]),
+        |o| options::check(o, "", check_overlay),
         |o| Ok(Box::new(Panel(Overlay::from_options(o)?))),
     );
     r.renderer(
         "npy",
         "raw (h x w) and upsampled (H x W) maps as .npy files",
-        |o| check_options(o, &[]),
-        |_| Ok(Box::new(Npy)),
+        no_options,
+        |o| {
+            options::load::<NoOptions>(o, "", |_| vec![])?;
+            Ok(Box::new(Npy))
+        },
     );
     r.renderer(
         "html",
         "index.html: every panel and overlay, the scores and ranking, links to the raw maps (option: title)",
-        |o| {
-            let mut p = check_options(o, &["title"]);
-            if o.get("title").is_some_and(|t| !t.is_str()) {
-                p.push(Problem::new("title", "must be a string"));
-            }
-            p
-        },
+        |o| options::check::<html::HtmlOptions>(o, "", |_| vec![]),
         |o| Ok(Box::new(html::Html::from_options(o)?)),
     );
     r.renderer(
         "scores",
         "scores.json: every comparison's score, distance and map files",
-        |o| check_options(o, &[]),
-        |_| Ok(Box::new(Scores)),
+        no_options,
+        |o| {
+            options::load::<NoOptions>(o, "", |_| vec![])?;
+            Ok(Box::new(Scores))
+        },
     );
 }
 
-fn check_options(o: &Options, allowed: &[&str]) -> Vec<Problem> {
-    let mut out = Vec::new();
-    for (k, v) in o {
-        if !allowed.contains(&k.as_str()) {
-            out.push(Problem::unknown_option(k.clone(), k, allowed));
-            continue;
-        }
-        let problem = match k.as_str() {
-            "alpha" => match v.as_float().or(v.as_integer().map(|i| i as f64)) {
-                Some(a) if (0.0..=1.0).contains(&a) => None,
-                _ => Some(format!("{v} is not a number between 0 and 1")),
-            },
-            "colormap" => match v.as_str().map(Colormap::parse) {
-                Some(Ok(_)) => None,
-                Some(Err(e)) => Some(e),
-                None => Some(format!("{v} is not a string")),
-            },
-            _ => None,
-        };
-        if let Some(p) = problem {
-            out.push(Problem::new(k.clone(), p));
-        }
+fn no_options(o: &Options) -> Vec<Problem> {
+    options::check::<NoOptions>(o, "", |_| vec![])
+}
+
+/// Options of `overlay` and `panel`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(crate = "fam_core::options::serde", deny_unknown_fields)]
+pub struct OverlayOptions {
+    /// `"jet"` (the default), `"inferno"` or `"gray"`.
+    #[serde(default = "default_colormap", deserialize_with = "colormap")]
+    pub colormap: Colormap,
+    /// Opacity of the heatmap over the image, from 0 to 1 (default 0.5).
+    #[serde(default = "default_alpha")]
+    pub alpha: f32,
+}
+
+fn default_colormap() -> Colormap {
+    Colormap::Jet
+}
+
+fn default_alpha() -> f32 {
+    0.5
+}
+
+fn colormap<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Colormap, D::Error> {
+    Colormap::parse(&String::deserialize(d)?).map_err(D::Error::custom)
+}
+
+/// What serde cannot check: `alpha` is between 0 and 1.
+fn check_overlay(o: &OverlayOptions) -> Vec<Problem> {
+    if (0.0..=1.0).contains(&o.alpha) {
+        vec![]
+    } else {
+        vec![Problem::new(
+            "alpha",
+            format!("{:?} is not a number between 0 and 1", o.alpha),
+        )]
     }
-    out
 }
 
 /// Tags for the two sides of a comparison in file names.
@@ -106,22 +125,10 @@ pub struct Overlay {
 
 impl Overlay {
     fn from_options(o: &Options) -> Result<Self> {
-        let problems = check_options(o, &["colormap", "alpha"]);
-        if let Some(p) = problems.first() {
-            return Err(FamError::invalid(p.to_string()));
-        }
+        let o = options::load::<OverlayOptions>(o, "", check_overlay)?;
         Ok(Self {
-            colormap: o
-                .get("colormap")
-                .and_then(|v| v.as_str())
-                .map(Colormap::parse)
-                .transpose()
-                .map_err(FamError::invalid)?
-                .unwrap_or(Colormap::Jet),
-            alpha: o
-                .get("alpha")
-                .and_then(|v| v.as_float().or(v.as_integer().map(|i| i as f64)))
-                .unwrap_or(0.5) as f32,
+            colormap: o.colormap,
+            alpha: o.alpha,
         })
     }
 
@@ -615,30 +622,26 @@ impl Renderer for Scores {
         "scores".into()
     }
     fn render(&self, e: &Explanation, out: &mut dyn OutputSink) -> Result<()> {
-        let side = |s: &Side| {
-            serde_json::json!({
-                "label": s.label,
-                "image": s.image.map(|i| e.images[i].source.display().to_string()),
-                "map_peak": s.map.as_ref().map(|m| m.raw.max()),
-            })
+        let side = |s: &Side| ScoredSide {
+            label: s.label.clone(),
+            image: s.image.map(|i| e.images[i].source.display().to_string()),
+            map_peak: s.map.as_ref().map(|m| m.raw.max()),
         };
-        let items: Vec<_> = e
-            .comparisons
-            .iter()
-            .map(|c| {
-                serde_json::json!({
-                    "id": c.id,
-                    "query": side(&c.query),
-                    "reference": side(&c.reference),
-                    "score": c.score,
-                    "distance": c.distance,
+        let doc = ScoresDocument {
+            info: e.info.clone(),
+            comparisons: e
+                .comparisons
+                .iter()
+                .map(|c| ScoredComparison {
+                    id: c.id.clone(),
+                    query: side(&c.query),
+                    reference: side(&c.reference),
+                    score: c.score,
+                    distance: c.distance,
                 })
-            })
-            .collect();
-        let doc = serde_json::json!({ "info": e.info, "comparisons": items });
-        let bytes =
-            serde_json::to_vec_pretty(&doc).map_err(|e| FamError::invalid(e.to_string()))?;
-        out.write("scores.json", &bytes)
+                .collect(),
+        };
+        out.write("scores.json", &document_bytes(&doc)?)
     }
 }
 
@@ -658,7 +661,7 @@ mod tests {
         o.insert("alpha".into(), 1.5.into());
         o.insert("colormp".into(), "jet".into());
         o.insert("colormap".into(), "rainbow".into());
-        let problems = check_options(&o, &["colormap", "alpha"]);
+        let problems = options::check::<OverlayOptions>(&o, "", check_overlay);
         let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
         assert_eq!(problems.len(), 3, "{text:?}");
         assert!(
@@ -671,5 +674,40 @@ mod tests {
             "{text:?}"
         );
         assert!(text.iter().any(|t| t.contains("rainbow")), "{text:?}");
+        // `create` builds from the same struct: the same problems, as one error.
+        let err = Overlay::from_options(&o).unwrap_err().to_string();
+        assert!(
+            err.contains("alpha: 1.5 is not a number between 0 and 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn renderers_are_built_from_their_options() {
+        let mut o = Options::new();
+        o.insert("colormap".into(), "grey".into());
+        o.insert("alpha".into(), 1.into());
+        let overlay = Overlay::from_options(&o).unwrap();
+        assert_eq!((overlay.colormap, overlay.alpha), (Colormap::Gray, 1.0));
+        let overlay = Overlay::from_options(&Options::new()).unwrap();
+        assert_eq!((overlay.colormap, overlay.alpha), (Colormap::Jet, 0.5));
+        let mut r = Registrar::new();
+        register(&mut r);
+        let r = r.finish().unwrap();
+        let html = r.renderers.iter().find(|e| e.kind == "html").unwrap();
+        let mut t = Options::new();
+        t.insert("title".into(), 3.into());
+        let problems = html.validate(&t);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "title");
+        assert!(
+            problems[0].message.contains("expected a string"),
+            "{problems:?}"
+        );
+        let npy = r.renderers.iter().find(|e| e.kind == "npy").unwrap();
+        let problems = npy.validate(&o);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(npy.create(&o).is_err());
+        assert!(npy.create(&Options::new()).is_ok());
     }
 }

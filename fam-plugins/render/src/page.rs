@@ -14,12 +14,12 @@ use fam_core::records::{ReportData, ReportRow};
 /// page from the runs' manifests, never from their pages).
 #[cfg(test)]
 fn data_from_page(html: &str) -> Result<ReportData> {
-        let json = html
-            .split(DATA_OPEN)
-            .nth(1)
-            .and_then(|rest| rest.split("</script>").next())
-            .ok_or_else(|| FamError::invalid("not a fam report page: no embedded data"))?;
-        serde_json::from_str(json)
+    let json = html
+        .split(DATA_OPEN)
+        .nth(1)
+        .and_then(|rest| rest.split("</script>").next())
+        .ok_or_else(|| FamError::invalid("not a fam report page: no embedded data"))?;
+    serde_json::from_str(json)
         .map_err(|e| FamError::invalid(format!("fam report page: bad embedded data: {e}")))
 }
 

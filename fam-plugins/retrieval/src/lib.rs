@@ -7,6 +7,7 @@
 
 pub mod mobilenet;
 
+use fam_core::options::{self, NoOptions};
 use fam_core::plugin::Registrar;
 use fam_core::FamError;
 
@@ -19,6 +20,8 @@ pub fn register(r: &mut Registrar) {
         "torchvision MobileNetV2 (layers features.0..features.18, default features.18); embedding = GAP",
         mobilenet::validate,
         |cfg, device| {
+            // mobilenet_v2 takes no options ([`NoOptions`]); `validate` reports any.
+            options::load::<NoOptions>(&cfg.options, "options", |_| vec![])?;
             let layer = cfg.layer.as_deref().unwrap_or("features.18");
             let layer = mobilenet::parse_layer(layer).map_err(FamError::invalid)?;
             let weights = cfg
@@ -31,4 +34,28 @@ pub fn register(r: &mut Registrar) {
             Ok(Box::new(model))
         },
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use fam_core::plugin::BackboneConfig;
+
+    #[test]
+    fn mobilenet_v2_takes_no_options() {
+        let mut cfg = BackboneConfig {
+            kind: "mobilenet_v2".into(),
+            weights: Some("w.safetensors".into()),
+            ..Default::default()
+        };
+        assert!(super::mobilenet::validate(&cfg).is_empty());
+        cfg.options.insert("width".into(), 1.into());
+        let problems: Vec<String> = super::mobilenet::validate(&cfg)
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(
+            problems,
+            ["options.width: unknown option `width` (this kind takes no options)"]
+        );
+    }
 }

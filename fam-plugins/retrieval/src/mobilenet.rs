@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use fam_core::candle::{DType, Device, Tensor};
-use fam_weights::{self as weights, StateDict};
 use fam_core::{Backbone, FamError, Features, InputSpec, Problem, Result};
+use fam_weights::{self as weights, StateDict};
 
 use fam_nn::{Act, ConvBn};
 
@@ -339,11 +339,10 @@ pub fn validate(cfg: &fam_core::plugin::BackboneConfig) -> Vec<Problem> {
             out.push(Problem::new("layer", e));
         }
     }
-    for k in cfg.options.keys() {
-        out.push(Problem::new(
-            format!("options.{k}"),
-            format!("unknown option `{k}` (mobilenet_v2 takes none)"),
-        ));
-    }
+    out.extend(fam_core::options::check::<fam_core::options::NoOptions>(
+        &cfg.options,
+        "options",
+        |_| vec![],
+    ));
     out
 }

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use fam_core::candle::{Device, Tensor};
-use fam_engine::preprocess;
 use fam_core::{Backbone, InputSpec};
+use fam_engine::preprocess;
 use fam_plugin_retrieval::mobilenet::{MobileNetV2, STAGES};
 
 fn root() -> PathBuf {

@@ -9,8 +9,8 @@ use std::path::Path;
 
 use fam_core::candle::{DType, Device, Tensor};
 
-use fam_core::error::{FamError, Result};
 use crate::pickle::{StorageType, TensorRef, Value};
+use fam_core::error::{FamError, Result};
 
 /// Named tensors on the CPU, as stored.
 pub type StateDict = HashMap<String, Tensor>;

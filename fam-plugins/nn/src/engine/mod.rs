@@ -37,7 +37,6 @@ use rayon::prelude::*;
 pub use act::Act;
 pub use kernels::{BinOp, Buf, Pool};
 
-
 /// A value of a program.
 pub type ValueId = usize;
 

@@ -19,6 +19,7 @@ mkdir -p "$work"
 
 if [ -d "$work/base" ]; then git worktree remove --force "$work/base"; fi
 git worktree add --detach "$work/base" "$base_rev" >/dev/null
+trap 'git worktree remove --force "$work/base"' EXIT
 # The base build reuses the dependencies this checkout has built (hard links, no copies).
 if [ ! -d "$work/target/debug" ] && [ -d "$root/target/debug" ]; then
     mkdir -p "$work/target"

@@ -8,11 +8,17 @@
 //! - renderer `contours`: each map as outlines of its strongest regions (the pixels above
 //!   each of `levels` times the map's maximum) drawn over the image the model saw.
 //!
+//! Each component's options are a serde struct read through `fam_core::options`, which
+//! reports unknown keys (with a "did you mean"), wrong types and missing keys; a small
+//! `check_*` function over the struct adds what serde cannot say (ranges, exclusive keys).
+//!
 //! `fam-cli plugins new NAME` writes a copy of this crate with `template` replaced by NAME.
 
 use std::io::Cursor;
+use std::path::{Path, PathBuf};
 
 use fam_core::explain::{Explanation, Rgb8, Side};
+use fam_core::options::{self, serde::Deserialize};
 use fam_core::output::OutputSink;
 use fam_core::plugin::{Options, Registrar};
 use fam_core::{FamError, Problem, Renderer, Result, Similarity};
@@ -26,59 +32,47 @@ pub fn register(r: &mut Registrar) {
     r.similarity(
         "mahalanobis_diag",
         "diagonal Mahalanobis: s = Σ w_k e_k (2 r_k − e_k) (options: weights, weights_npy)",
-        check_similarity_options,
-        |options| Ok(Box::new(MahalanobisDiag::from_options(options)?)),
+        |o| options::check(o, "", check_similarity),
+        |o| Ok(Box::new(MahalanobisDiag::from_options(o)?)),
     );
     r.renderer(
         "contours",
         "outlines of each map's strongest regions over the image (options: levels, width)",
-        check_contour_options,
-        |options| Ok(Box::new(Contours::from_options(options)?)),
+        |o| options::check(o, "", check_contours),
+        |o| Ok(Box::new(Contours::from_options(o)?)),
     );
 }
 
-/// Checks the similarity's options without loading anything: `fam-cli validate` calls this.
-fn check_similarity_options(options: &Options) -> Vec<Problem> {
+/// The similarity's options, the keys of `[similarity]` besides `plugin` and `kind`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(crate = "fam_core::options::serde", deny_unknown_fields)]
+pub struct SimilarityOptions {
+    /// One weight per channel, inline; default: every weight is 1.
+    #[serde(default)]
+    pub weights: Option<Vec<f32>>,
+    /// Or a float32 vector saved with `numpy.save`, read when the similarity is created.
+    #[serde(default)]
+    pub weights_npy: Option<PathBuf>,
+}
+
+/// What serde cannot check; cheap and loads nothing, as `fam-cli validate` calls it.
+fn check_similarity(o: &SimilarityOptions) -> Vec<Problem> {
     let mut problems = Vec::new();
-    for (key, value) in options {
-        match key.as_str() {
-            "weights" => {
-                let ok = value.as_array().is_some_and(|a| {
-                    !a.is_empty() && a.iter().all(|x| number(x).is_some_and(|w| w >= 0.0))
-                });
-                if !ok {
-                    problems.push(Problem::new(
-                        "weights",
-                        format!("{value} is not a list of non-negative numbers"),
-                    ));
-                }
-            }
-            "weights_npy" => {
-                if value.as_str().is_none() {
-                    problems.push(Problem::new(
-                        "weights_npy",
-                        format!("{value} is not a path"),
-                    ));
-                }
-            }
-            other => problems.push(Problem::unknown_option(
-                other,
-                other,
-                &["weights", "weights_npy"],
-            )),
+    if let Some(w) = &o.weights {
+        if w.is_empty() || w.iter().any(|w| w.is_nan() || *w < 0.0) {
+            problems.push(Problem::new(
+                "weights",
+                format!("{w:?} is not a list of non-negative numbers"),
+            ));
         }
     }
-    if options.contains_key("weights") && options.contains_key("weights_npy") {
+    if o.weights.is_some() && o.weights_npy.is_some() {
         problems.push(Problem::new(
             "weights_npy",
             "give `weights` or `weights_npy`, not both",
         ));
     }
     problems
-}
-
-fn number(v: &fam_core::toml::Value) -> Option<f64> {
-    v.as_float().or_else(|| v.as_integer().map(|i| i as f64))
 }
 
 /// `s(e, r) = Σ_k w_k e_k (2 r_k − e_k)`.
@@ -88,20 +82,14 @@ pub struct MahalanobisDiag {
 }
 
 impl MahalanobisDiag {
-    pub fn from_options(options: &Options) -> Result<Self> {
-        let weights = if let Some(list) = options.get("weights").and_then(|v| v.as_array()) {
-            Some(list.iter().filter_map(number).map(|w| w as f32).collect())
-        } else if let Some(path) = options.get("weights_npy").and_then(|v| v.as_str()) {
-            let bytes = std::fs::read(path).map_err(|e| FamError::io(path, e))?;
-            let (shape, data) = fam_core::output::read_npy_f32(&bytes)?;
-            if shape.len() != 1 || data.iter().any(|w| w.is_nan() || *w < 0.0) {
-                return Err(FamError::invalid(format!(
-                    "{path}: the weights must be a vector of non-negative numbers, not shape {shape:?}"
-                )));
-            }
-            Some(data)
-        } else {
-            None
+    /// From the options of `[similarity]`: the same problems as `check_similarity`, as one
+    /// error, or the similarity with its weights (read from `weights_npy` if given).
+    pub fn from_options(o: &Options) -> Result<Self> {
+        let o = options::load::<SimilarityOptions>(o, "", check_similarity)?;
+        let weights = match (o.weights, o.weights_npy) {
+            (Some(w), _) => Some(w),
+            (None, Some(path)) => Some(read_weights(&path)?),
+            (None, None) => None,
         };
         Ok(Self { weights })
     }
@@ -127,6 +115,18 @@ impl MahalanobisDiag {
     }
 }
 
+/// A vector of non-negative weights from a `.npy` file.
+fn read_weights(path: &Path) -> Result<Vec<f32>> {
+    let bytes = std::fs::read(path).map_err(|e| FamError::io(path, e))?;
+    let (shape, data) = fam_core::output::read_npy_f32(&bytes)?;
+    if shape.len() != 1 || data.iter().any(|w| w.is_nan() || *w < 0.0) {
+        return Err(FamError::invalid(format!(
+            "{}: the weights must be a vector of non-negative numbers, not shape {shape:?}",
+            path.display()
+        )));
+    }
+    Ok(data)
+}
 impl Similarity for MahalanobisDiag {
     fn name(&self) -> String {
         "mahalanobis_diag".into()
@@ -158,33 +158,39 @@ impl Similarity for MahalanobisDiag {
     }
 }
 
-fn check_contour_options(options: &Options) -> Vec<Problem> {
+/// The renderer's options, the keys of its `[[render]]` section besides `plugin` and `kind`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(crate = "fam_core::options::serde", deny_unknown_fields)]
+pub struct ContourOptions {
+    /// Fractions of each map's maximum to outline, each between 0 and 1 (default 0.5, 0.8).
+    #[serde(default = "default_levels")]
+    pub levels: Vec<f32>,
+    /// The outlines' width in pixels, 1 to 16 (default 2).
+    #[serde(default = "default_width")]
+    pub width: usize,
+}
+
+fn default_levels() -> Vec<f32> {
+    vec![0.5, 0.8]
+}
+
+fn default_width() -> usize {
+    2
+}
+
+fn check_contours(o: &ContourOptions) -> Vec<Problem> {
     let mut problems = Vec::new();
-    for (key, value) in options {
-        match key.as_str() {
-            "levels" => {
-                let ok = value.as_array().is_some_and(|a| {
-                    !a.is_empty()
-                        && a.iter()
-                            .all(|x| number(x).is_some_and(|l| l > 0.0 && l < 1.0))
-                });
-                if !ok {
-                    problems.push(Problem::new(
-                        "levels",
-                        format!("{value} is not a list of fractions between 0 and 1"),
-                    ));
-                }
-            }
-            "width" => {
-                if !value.as_integer().is_some_and(|w| (1..=16).contains(&w)) {
-                    problems.push(Problem::new(
-                        "width",
-                        format!("{value} is not 1 to 16 pixels"),
-                    ));
-                }
-            }
-            other => problems.push(Problem::unknown_option(other, other, &["levels", "width"])),
-        }
+    if o.levels.is_empty() || !o.levels.iter().all(|l| *l > 0.0 && *l < 1.0) {
+        problems.push(Problem::new(
+            "levels",
+            format!("{:?} is not a list of fractions between 0 and 1", o.levels),
+        ));
+    }
+    if !(1..=16).contains(&o.width) {
+        problems.push(Problem::new(
+            "width",
+            format!("{} is not 1 to 16 pixels", o.width),
+        ));
     }
     problems
 }
@@ -196,16 +202,10 @@ pub struct Contours {
 }
 
 impl Contours {
-    pub fn from_options(options: &Options) -> Result<Self> {
-        let mut levels: Vec<f32> = match options.get("levels").and_then(|v| v.as_array()) {
-            Some(list) => list.iter().filter_map(number).map(|l| l as f32).collect(),
-            None => vec![0.5, 0.8],
-        };
+    pub fn from_options(o: &Options) -> Result<Self> {
+        let ContourOptions { mut levels, width } =
+            options::load::<ContourOptions>(o, "", check_contours)?;
         levels.sort_by(f32::total_cmp);
-        let width = options
-            .get("width")
-            .and_then(|v| v.as_integer())
-            .unwrap_or(2) as usize;
         Ok(Self { levels, width })
     }
 
@@ -330,12 +330,36 @@ mod tests {
 
     #[test]
     fn bad_options_and_sizes_are_reported() {
-        let p = check_similarity_options(&options("weights = [1, -1]\nweight = 2"));
+        // What `fam-cli validate` gets: every problem at once, each naming its key.
+        let p = options::check(
+            &options("weights = [1, -1]\nweight = 2"),
+            "",
+            check_similarity,
+        );
         let text: Vec<String> = p.iter().map(|p| p.to_string()).collect();
         assert_eq!(p.len(), 2, "{text:?}");
         assert!(
             text.iter().any(|t| t.contains("did you mean `weights`")),
             "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.contains("weights: [1.0, -1.0] is not a list of non-negative")),
+            "{text:?}"
+        );
+        let p = options::check(
+            &options("levels = [0.5, 1.5]\nwidth = 0"),
+            "",
+            check_contours,
+        );
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert_eq!(p[1].to_string(), "width: 0 is not 1 to 16 pixels");
+        // `create` builds from the same struct and checks: the same problems, as one error.
+        let both = options("weights = [1]\nweights_npy = \"w.npy\"");
+        let err = MahalanobisDiag::from_options(&both).err().unwrap().to_string();
+        assert!(
+            err.contains("weights_npy: give `weights` or `weights_npy`, not both"),
+            "{err}"
         );
         let s = MahalanobisDiag::from_options(&options("weights = [1, 2]")).unwrap();
         let err = s.score(&[1.0; 3], &[1.0; 3]).unwrap_err().to_string();
@@ -343,6 +367,14 @@ mod tests {
             err.contains("2 weights but the embedding has 3 channels"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn options_take_their_defaults() {
+        let s = MahalanobisDiag::from_options(&Options::new()).unwrap();
+        assert_eq!(s.score(&[1.0, 2.0], &[1.0, 2.0]).unwrap(), 5.0);
+        let c = Contours::from_options(&options("levels = [0.8, 0.3]")).unwrap();
+        assert_eq!((c.levels, c.width), (vec![0.3, 0.8], 2));
     }
 
     #[test]

@@ -356,7 +356,10 @@ mod tests {
         assert_eq!(p[1].to_string(), "width: 0 is not 1 to 16 pixels");
         // `create` builds from the same struct and checks: the same problems, as one error.
         let both = options("weights = [1]\nweights_npy = \"w.npy\"");
-        let err = MahalanobisDiag::from_options(&both).err().unwrap().to_string();
+        let err = MahalanobisDiag::from_options(&both)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             err.contains("weights_npy: give `weights` or `weights_npy`, not both"),
             "{err}"

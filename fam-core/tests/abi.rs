@@ -56,7 +56,11 @@ fn changing_a_trait_changes_the_fingerprint() {
     std::fs::write(&traits, changed).unwrap();
     let after = abi_digest::api_digest(&copy, &mut |_| {});
     std::fs::remove_dir_all(&copy).unwrap();
-    assert_ne!(after, built_digest(), "a new trait method left the fingerprint unchanged");
+    assert_ne!(
+        after,
+        built_digest(),
+        "a new trait method left the fingerprint unchanged"
+    );
 }
 
 #[test]

@@ -145,18 +145,21 @@ impl PluginHost {
         // SAFETY: the declaration is at least as long as its two leading fields in every
         // fam that exported this symbol (the oldest had a `u32` and pointers).
         if decl.magic != MAGIC || decl.layout != DECLARATION_LAYOUT {
+            // fam before the ABI fingerprint began its declaration with a `u32` version.
+            let old =
+                u32::from_le_bytes([decl.magic[0], decl.magic[1], decl.magic[2], decl.magic[3]]);
+            let theirs = if decl.magic == MAGIC {
+                format!("declaration layout {}", decl.layout)
+            } else if (1..1000).contains(&old) {
+                format!("plugin ABI version {old}, from before ABI fingerprints")
+            } else {
+                "a declaration fam does not know".to_string()
+            };
             return Err(FamError::PluginMismatch {
                 path: path.to_path_buf(),
-                what: "plugin declaration format",
-                plugin: format!(
-                    "{:?} layout {}",
-                    String::from_utf8_lossy(&decl.magic),
-                    decl.layout
-                ),
-                host: format!(
-                    "{:?} layout {DECLARATION_LAYOUT}",
-                    String::from_utf8_lossy(&MAGIC)
-                ),
+                what: "plugin declaration",
+                plugin: theirs,
+                host: format!("declaration layout {DECLARATION_LAYOUT} with an ABI fingerprint"),
             });
         }
         // SAFETY: a declaration of this layout holds a plain C function returning a static

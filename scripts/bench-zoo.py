@@ -25,6 +25,11 @@ copies of the images in --images (cycled; pairs are image 2i with image 2i+1):
   nets), cosine similarity, one overlay PNG per map. Skipped when --fam is missing (not built
   here: `cargo build --release`).
 
+With --device cuda (a build from scripts/build-cuda.sh, default --fam target/cuda/release/fam-cli)
+PyTorch, Grad-CAM and fam run on the GPU, every process may use every CPU (decoding runs on the
+host), and onnxruntime (CPU only here) is left out; PyTorch computes in plain FP32 (TF32 off
+for convolutions and matrix products), as fam does. CUDA timings synchronize the device.
+
 Every Python peer runs in its own process, so its peak resident memory (getrusage) is its own;
 fam reports its own (peak_rss_mib). Preprocessing is fam's for an onnx backbone: an exact
 resize to the model's input size and ImageNet mean/std. Prints a markdown table per batch size
@@ -126,6 +131,17 @@ def worker(args):
         import torchvision
 
         torch.set_num_threads(args.threads)
+        dev = torch.device(args.device)
+        if dev.type == "cuda":
+            # fam computes in FP32; PyTorch's convolutions would use TF32 by default.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.benchmark = True
+            result["gpu"] = torch.cuda.get_device_name(dev)
+
+        def sync():
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
         tf = torchvision.transforms.Compose([
             torchvision.transforms.Resize((h, w)),
             torchvision.transforms.ToTensor(),
@@ -150,11 +166,15 @@ def worker(args):
         if result["max_abs_diff_to_zoo_reference"] > 1e-3 * max(1.0, float(np.max(np.abs(want)))):
             raise SystemExit(f"{entry['arch']}: the rebuilt PyTorch model differs from the zoo reference "
                              f"by {result['max_abs_diff_to_zoo_reference']:.3g}")
+        model = model.to(dev)
+        x = x.to(dev)
         if args.worker == "pytorch":
             for bs in batch_sizes:
-                with torch.no_grad():
-                    fwd = median_ms(lambda: [model(b) for b in chunks(x, bs)], args.repeat) / n
-                result["batch"][bs] = {"forward": fwd}
+                def forward():
+                    with torch.no_grad():
+                        [model(b) for b in chunks(x, bs)]
+                    sync()
+                result["batch"][bs] = {"forward": median_ms(forward, args.repeat) / n}
         else:
             from pytorch_grad_cam import GradCAM
             from pytorch_grad_cam.utils.image import show_cam_on_image
@@ -193,7 +213,7 @@ def worker(args):
 
                     def end_to_end():
                         for ids, refs in zip(chunks(list(range(n)), bs), chunks(partner, bs)):
-                            maps = cams(torch.stack([load(paths[i]) for i in ids]), refs)
+                            maps = cams(torch.stack([load(paths[i]) for i in ids]).to(dev), refs)
                             for i, m in zip(ids, maps):
                                 rgb = Image.open(paths[i]).convert("RGB").resize((w, h), Image.BILINEAR)
                                 over = show_cam_on_image(np.asarray(rgb, dtype=np.float32) / 255, m, use_rgb=True)
@@ -219,7 +239,7 @@ def pin(threads):
 def run_peer(tool, entry, args, env):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", tool, "--worker-entry", json.dumps(entry),
            "--zoo", args.zoo, "--images", args.images, "--count", str(args.count), "--repeat", str(args.repeat),
-           "--batch-sizes", args.batch_sizes, "--threads", str(args.threads)]
+           "--batch-sizes", args.batch_sizes, "--threads", str(args.threads), "--device", args.device]
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=pin(args.threads))
     if p.returncode != 0:
@@ -267,7 +287,8 @@ def toml_str(s):
 
 def run_fam(entry, args, env, scratch):
     if not os.path.exists(args.fam):
-        return {"error": f"{args.fam} is missing (cargo build --release)", "skipped": True}
+        build = "scripts/build-cuda.sh" if args.device != "cpu" else "cargo build --release"
+        return {"error": f"{args.fam} is missing ({build})", "skipped": True}
     paths = image_paths(args.images, 2)
     affine = entry["head"] == "affine"
     toml = FAM_PIPELINE.format(
@@ -280,7 +301,7 @@ def run_fam(entry, args, env, scratch):
     with open(pipeline, "w") as fh:
         fh.write(toml)
     cmd = [args.fam, "-q", "bench", pipeline, "--images", args.images, "--count", str(args.count),
-           "--batch-sizes", args.batch_sizes, "--repeat", str(args.repeat), "--json"]
+           "--batch-sizes", args.batch_sizes, "--repeat", str(args.repeat), "--device", args.device, "--json"]
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=pin(args.threads))
     if p.returncode != 0:
@@ -311,7 +332,7 @@ def print_tables(results, batch_sizes):
     for bs in batch_sizes:
         print(f"\n### batch {bs} (per-image ms; peak MiB over the whole run)\n")
         cols = ["ORT fwd", "PyTorch fwd", "Grad-CAM explain", "Grad-CAM end to end", "fam fwd", "fam end to end",
-                "fam/ORT", "Grad-CAM/fam", "fam peak MiB", "ORT MiB", "PyTorch MiB", "Grad-CAM MiB"]
+                "fam/ORT", "fam/PyTorch", "Grad-CAM/fam", "fam peak MiB", "ORT MiB", "PyTorch MiB", "Grad-CAM MiB"]
         print("| model | " + " | ".join(cols) + " |")
         print("|---|" + "---:|" * len(cols))
         table = []
@@ -324,15 +345,16 @@ def print_tables(results, batch_sizes):
             gc_x, gc_e = get("grad_cam", "explain"), get("grad_cam", "end_to_end")
             fam_f, fam_e = get("fam", "forward"), get("fam", "end_to_end")
             row = [ort_f, pt_f, gc_x, gc_e, fam_f, fam_e,
-                   fam_f / ort_f if fam_f and ort_f else None, gc_e / fam_e if gc_e and fam_e else None,
+                   fam_f / ort_f if fam_f and ort_f else None, fam_f / pt_f if fam_f and pt_f else None,
+                   gc_e / fam_e if gc_e and fam_e else None,
                    (r.get("fam") or {}).get("peak_rss_mib"), (r.get("onnxruntime") or {}).get("peak_rss_mib"),
                    (r.get("pytorch") or {}).get("peak_rss_mib"), (r.get("grad_cam") or {}).get("peak_rss_mib")]
             table.append(row)
-            cells = [fmt(v) for v in row[:6]] + [fmt(v) + ("x" if v else "") for v in row[6:8]] + [fmt(v, 0) for v in row[8:]]
+            cells = [fmt(v) for v in row[:6]] + [fmt(v) + ("x" if v else "") for v in row[6:9]] + [fmt(v, 0) for v in row[9:]]
             print(f"| {name} | " + " | ".join(cells) + " |")
         if table:
             g = [geomean([t[i] for t in table]) for i in range(len(cols))]
-            cells = [fmt(v) for v in g[:6]] + [fmt(v) + ("x" if v else "") for v in g[6:8]] + [fmt(v, 0) for v in g[8:]]
+            cells = [fmt(v) for v in g[:6]] + [fmt(v) + ("x" if v else "") for v in g[6:9]] + [fmt(v, 0) for v in g[9:]]
             print("| **geomean** | " + " | ".join(cells) + " |")
     errors = [(name, tool, r[tool]["error"]) for name, r in results.items() for tool in r
               if isinstance(r[tool], dict) and r[tool].get("error") and not r[tool].get("skipped")]
@@ -354,13 +376,21 @@ def main():
     ap.add_argument("--count", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--batch-sizes", default="1,16")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tools", default="onnxruntime,pytorch,grad_cam,fam")
-    ap.add_argument("--fam", default=os.path.join(ROOT, "target/release/fam-cli"))
+    ap.add_argument("--threads", type=int, default=None, help="default 2, or every CPU with --device cuda")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (PyTorch, Grad-CAM and fam on the GPU)")
+    ap.add_argument("--tools", default=None, help="default onnxruntime,pytorch,grad_cam,fam (no onnxruntime on cuda)")
+    ap.add_argument("--fam", default=None, help="default target/release/fam-cli, target/cuda/release/fam-cli on cuda")
     ap.add_argument("--json", help="write every number here")
     ap.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
     ap.add_argument("--worker-entry", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    gpu = args.device != "cpu"
+    if args.threads is None:
+        args.threads = len(os.sched_getaffinity(0)) if gpu else 2
+    if args.tools is None:
+        args.tools = "pytorch,grad_cam,fam" if gpu else "onnxruntime,pytorch,grad_cam,fam"
+    if args.fam is None:
+        args.fam = os.path.join(ROOT, "target/cuda/release/fam-cli" if gpu else "target/release/fam-cli")
     if args.worker:
         return worker(args)
 
@@ -396,12 +426,13 @@ def main():
         shutil.rmtree(scratch, ignore_errors=True)
 
     n = len(image_paths(args.images, args.count))
-    print(f"{n} images, {args.threads} threads, {args.variant} zoo files, per-image ms (median of {args.repeat} "
-          f"after a warm-up)")
+    gpus = sorted({t.get("gpu") for r in results.values() for t in r.values() if isinstance(t, dict) and t.get("gpu")})
+    print(f"{n} images, {args.threads} threads, device {args.device}{' (' + ', '.join(gpus) + ')' if gpus else ''}, "
+          f"{args.variant} zoo files, per-image ms (median of {args.repeat} after a warm-up)")
     print_tables(results, batch_sizes)
     if args.json:
         doc = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                           "cpus": os.cpu_count()},
+                           "cpus": os.cpu_count(), "device": args.device, "gpu": gpus},
                "images": n, "repeat": args.repeat, "variant": args.variant, "zoo": args.zoo,
                "versions": manifest.get("versions"), "models": results}
         with open(args.json, "w") as fh:

@@ -171,12 +171,20 @@ mod tests {
     #[test]
     fn another_candle_feature_set_is_a_named_difference() {
         let host = fingerprint();
-        let plugin = host.replace("candle-core features: cpu", "candle-core features: cuda");
+        let (mine, other) = if cfg!(feature = "cuda") {
+            ("cuda", "cpu")
+        } else {
+            ("cpu", "cuda")
+        };
+        let plugin = host.replace(
+            &format!("candle-core features: {mine}\n"),
+            &format!("candle-core features: {other}\n"),
+        );
         let d = compare(&plugin, host);
         assert_eq!(d.len(), 1, "{d:?}");
         assert_eq!(
             d[0].to_string(),
-            "candle-core features: plugin has `cuda`, host has `cpu`"
+            format!("candle-core features: plugin has `{other}`, host has `{mine}`")
         );
         let abort = host.replace("panic: unwind", "panic: abort");
         assert_eq!(compare(&abort, host)[0].part, "panic");

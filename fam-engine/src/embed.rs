@@ -24,9 +24,36 @@ pub struct Embedded {
     pub embeddings: Vec<Vec<f32>>,
 }
 
+/// How decoding is scheduled against the forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overlap {
+    /// Decode every image first, then run the forward passes: on the CPU both use every
+    /// core, so running them side by side would only make them take turns.
+    Off,
+    /// Decode the next batch (on all host cores) while the device runs this one, so that a
+    /// GPU does not wait for the decoder. Batches are the same as with `Off`.
+    On,
+}
+
+impl Overlap {
+    /// `On` for accelerators, `Off` on the CPU.
+    pub fn for_device(device: &fam_core::candle::Device) -> Self {
+        if device.is_cpu() {
+            Overlap::Off
+        } else {
+            Overlap::On
+        }
+    }
+}
+
+/// One decoded image: the prepared view, or why it could not be read.
+type Decoded = Result<(Prepared, Option<String>)>;
+
 /// Decodes, preprocesses and embeds `paths` in batches of `batch_size`. A file that cannot
 /// be read is reported in `slot` and the others go on.
 /// With `keep_maps = false` only embeddings are kept (a gallery's maps are not needed).
+/// With [`Overlap::On`] (accelerators, [`Overlap::for_device`]) the next batch is decoded
+/// while this one runs.
 #[allow(clippy::too_many_arguments)]
 pub fn embed_images(
     backbone: &dyn Backbone,
@@ -40,79 +67,195 @@ pub fn embed_images(
     checkpoint: Option<&FeatureCache>,
     decoding: Decoding,
     partial: &mut Vec<PartialImage>,
+    overlap: Overlap,
 ) -> Result<Embedded> {
-    let t0 = Instant::now();
-    let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
-    let prepared = preprocess::prepare_files_with(&refs, spec, decoding);
-    timings.decode_preprocess += ms(t0);
-
-    let mut slot = Vec::with_capacity(paths.len());
-    let mut views = Vec::new();
-    let mut keys = Vec::new();
-    for (path, r) in paths.iter().zip(prepared) {
-        match r {
-            Ok((p, cause)) => {
-                if let Some(cause) = cause {
-                    tracing::warn!(image = %path.display(), cause = %cause, "explaining an image that decoded only in part");
-                    if !partial
-                        .iter()
-                        .any(|q| q.image == path.display().to_string())
-                    {
-                        partial.push(PartialImage {
-                            image: path.display().to_string(),
-                            cause,
-                        });
+    let batch_size = batch_size.max(1);
+    let decode = |block: &[PathBuf]| -> (Vec<Decoded>, f64) {
+        let t = Instant::now();
+        let refs: Vec<&Path> = block.iter().map(PathBuf::as_path).collect();
+        (preprocess::prepare_files_with(&refs, spec, decoding), ms(t))
+    };
+    let mut state = Stream::new(backbone, batch_size, keep_maps, checkpoint);
+    match overlap {
+        Overlap::Off => {
+            let (decoded, took) = decode(paths);
+            timings.decode_preprocess += took;
+            state.accept(paths, decoded, partial);
+            progress.stage("forward", state.todo_len() as u64);
+            state.forward_ready(true, progress, counts, timings)?;
+        }
+        Overlap::On => {
+            // A bounded channel: the decoder runs one batch ahead of the device, no further,
+            // so decoded images do not pile up in memory when the device is the slower one.
+            progress.stage("forward", paths.len() as u64);
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<Decoded>, f64)>(1);
+            std::thread::scope(|s| -> Result<()> {
+                let decoder = s.spawn(move || {
+                    for (k, block) in paths.chunks(batch_size).enumerate() {
+                        if fam_core::host::interrupted() {
+                            break;
+                        }
+                        let (decoded, took) = decode(block);
+                        if tx.send((k * batch_size, decoded, took)).is_err() {
+                            break; // the forward side stopped on an error
+                        }
+                    }
+                });
+                let mut result = Ok(());
+                for (start, decoded, took) in rx.iter() {
+                    timings.decode_preprocess += took;
+                    let block = &paths[start..start + decoded.len()];
+                    state.accept(block, decoded, partial);
+                    if let Err(e) = state.forward_ready(false, progress, counts, timings) {
+                        result = Err(e);
+                        break;
                     }
                 }
-                slot.push(Ok(views.len()));
-                views.push(p);
-                keys.push(checkpoint.and_then(|_| checkpoint_key(path)));
-            }
-            Err(e) => {
-                tracing::warn!(image = %path.display(), error = %e, "skipping image");
-                slot.push(Err(e.to_string()));
+                drop(rx);
+                decoder
+                    .join()
+                    .map_err(|_| FamError::invalid("the image decoder thread panicked"))?;
+                result?;
+                state.forward_ready(true, progress, counts, timings)
+            })?;
+        }
+    }
+    progress.finish_stage();
+    counts.resumed += state.views.len() - state.todo.len();
+    let t = Instant::now();
+    let out = state.finish();
+    timings.forward += ms(t);
+    out
+}
+
+/// The forward side of [`embed_images_with`]: takes decoded images in path order, and runs a
+/// batch whenever `batch_size` images need one (at the end, whatever is left).
+struct Stream<'a> {
+    backbone: &'a dyn Backbone,
+    batch_size: usize,
+    keep_maps: bool,
+    checkpoint: Option<&'a FeatureCache>,
+    device: fam_core::candle::Device,
+    slot: Vec<std::result::Result<usize, String>>,
+    views: Vec<Prepared>,
+    keys: Vec<Option<String>>,
+    /// What an interrupted run already computed, per view.
+    restored: Vec<Option<(Vec<f32>, Option<Tensor>)>>,
+    /// Views still to be forwarded, in order; `next` is the first not yet run.
+    todo: Vec<usize>,
+    next: usize,
+    maps: Vec<Tensor>,
+    embeddings: Vec<Vec<f32>>,
+    batch_shapes: Option<(Vec<usize>, usize)>,
+}
+
+impl<'a> Stream<'a> {
+    fn new(
+        backbone: &'a dyn Backbone,
+        batch_size: usize,
+        keep_maps: bool,
+        checkpoint: Option<&'a FeatureCache>,
+    ) -> Self {
+        Self {
+            backbone,
+            batch_size,
+            keep_maps,
+            checkpoint,
+            device: backbone.device(),
+            slot: Vec::new(),
+            views: Vec::new(),
+            keys: Vec::new(),
+            restored: Vec::new(),
+            todo: Vec::new(),
+            next: 0,
+            maps: Vec::new(),
+            embeddings: Vec::new(),
+            batch_shapes: None,
+        }
+    }
+
+    fn todo_len(&self) -> usize {
+        self.todo.len() - self.next
+    }
+
+    /// Files the decoded images of `paths` in order: failures in `slot`, successes as views,
+    /// restored from the checkpoint where it has them, else queued for the forward pass.
+    fn accept(
+        &mut self,
+        paths: &[PathBuf],
+        decoded: Vec<Decoded>,
+        partial: &mut Vec<PartialImage>,
+    ) {
+        for (path, r) in paths.iter().zip(decoded) {
+            match r {
+                Ok((p, cause)) => {
+                    if let Some(cause) = cause {
+                        tracing::warn!(image = %path.display(), cause = %cause, "explaining an image that decoded only in part");
+                        if !partial
+                            .iter()
+                            .any(|q| q.image == path.display().to_string())
+                        {
+                            partial.push(PartialImage {
+                                image: path.display().to_string(),
+                                cause,
+                            });
+                        }
+                    }
+                    let key = self.checkpoint.and_then(|_| checkpoint_key(path));
+                    let restored = self.restore(key.as_deref());
+                    if restored.is_none() {
+                        self.todo.push(self.views.len());
+                    }
+                    self.slot.push(Ok(self.views.len()));
+                    self.views.push(p);
+                    self.keys.push(key);
+                    self.restored.push(restored);
+                }
+                Err(e) => {
+                    tracing::warn!(image = %path.display(), error = %e, "skipping image");
+                    self.slot.push(Err(e.to_string()));
+                }
             }
         }
     }
 
-    let t1 = Instant::now();
-    let device = backbone.device();
-    // What an interrupted run already computed.
-    let mut restored: Vec<Option<(Vec<f32>, Option<Tensor>)>> = vec![None; views.len()];
-    if let Some(c) = checkpoint {
-        for (r, key) in restored.iter_mut().zip(&keys) {
-            let Some(key) = key else { continue };
-            let Some(e) = c.embedding(key) else { continue };
-            if !keep_maps {
-                *r = Some((e, None));
-                continue;
-            }
-            if let Some((shape, data)) = c.maps(key) {
-                let t = Tensor::from_vec(data, (1, shape[0], shape[1], shape[2]), &device)?;
-                *r = Some((e, Some(t)));
-            }
+    fn restore(&self, key: Option<&str>) -> Option<(Vec<f32>, Option<Tensor>)> {
+        let (c, key) = (self.checkpoint?, key?);
+        let e = c.embedding(key)?;
+        if !self.keep_maps {
+            return Some((e, None));
         }
-    }
-    let todo: Vec<usize> = (0..views.len())
-        .filter(|&i| restored[i].is_none())
-        .collect();
-    counts.resumed += views.len() - todo.len();
-    if todo.len() < views.len() {
-        tracing::info!(
-            images = views.len(),
-            restored = views.len() - todo.len(),
-            "resuming from the checkpoint"
-        );
+        let (shape, data) = c.maps(key)?;
+        let t = Tensor::from_vec(data, (1, shape[0], shape[1], shape[2]), &self.device).ok()?;
+        Some((e, Some(t)))
     }
 
-    progress.stage("forward", todo.len() as u64);
-    let mut maps = Vec::new();
-    let mut embeddings = Vec::with_capacity(views.len());
-    let mut batch_shapes: Option<(Vec<usize>, usize)> = None;
-    for chunk in todo.chunks(batch_size.max(1)) {
-        check_interrupt()?;
-        let items: Vec<&Prepared> = chunk.iter().map(|&i| &views[i]).collect();
-        let batch = preprocess::batch_tensor(&items, &device)?;
+    /// Runs every full batch that is queued, and with `last` the partial one too.
+    fn forward_ready(
+        &mut self,
+        last: bool,
+        progress: &dyn Progress,
+        counts: &mut Counts,
+        timings: &mut Timings,
+    ) -> Result<()> {
+        while self.todo_len() >= self.batch_size || (last && self.todo_len() > 0) {
+            check_interrupt()?;
+            let t = Instant::now();
+            let n = self.todo_len().min(self.batch_size);
+            let chunk: Vec<usize> = self.todo[self.next..self.next + n].to_vec();
+            self.next += n;
+            self.forward(&chunk)?;
+            counts.images_forwarded += chunk.len();
+            progress.advance(chunk.len() as u64);
+            timings.forward += ms(t);
+        }
+        Ok(())
+    }
+
+    fn forward(&mut self, chunk: &[usize]) -> Result<()> {
+        let backbone = self.backbone;
+        let items: Vec<&Prepared> = chunk.iter().map(|&i| &self.views[i]).collect();
+        let batch = preprocess::batch_tensor(&items, &self.device)?;
         let f = backbone.forward(&batch)?;
         let (b, _, _, _) = f
             .maps
@@ -138,8 +281,8 @@ pub fn embed_images(
         // Every batch must have the same shapes, or maps and embeddings of different images
         // could not be combined.
         let shapes = (f.maps.dims()[1..].to_vec(), f.embeddings.dims()[1]);
-        match &batch_shapes {
-            None => batch_shapes = Some(shapes),
+        match &self.batch_shapes {
+            None => self.batch_shapes = Some(shapes),
             Some(first) if *first != shapes => {
                 return Err(FamError::contract(
                     format!("backbone `{}`", backbone.describe()),
@@ -151,61 +294,83 @@ pub fn embed_images(
             }
             Some(_) => {}
         }
+        // Only the embeddings come back to the host; the feature maps stay on the device
+        // until the FAM maps are computed from them.
         let batch_emb = f
             .embeddings
             .to_dtype(fam_core::candle::DType::F32)?
             .to_vec2::<f32>()
             .ctx("copy embeddings to host")?;
-        if let Some(c) = checkpoint {
-            save_checkpoint(c, chunk, &keys, &batch_emb, keep_maps.then_some(&f.maps))?;
+        if let Some(c) = self.checkpoint {
+            save_checkpoint(
+                c,
+                chunk,
+                &self.keys,
+                &batch_emb,
+                self.keep_maps.then_some(&f.maps),
+            )?;
         }
-        embeddings.extend(batch_emb);
-        if keep_maps {
-            maps.push(f.maps);
+        self.embeddings.extend(batch_emb);
+        if self.keep_maps {
+            self.maps.push(f.maps);
         }
-        counts.images_forwarded += chunk.len();
-        progress.advance(chunk.len() as u64);
+        Ok(())
     }
-    progress.finish_stage();
-    // Put restored images back in their places.
-    if todo.len() < views.len() {
-        let computed = if maps.is_empty() {
+
+    /// Puts restored images back in their places and joins the feature maps.
+    fn finish(self) -> Result<Embedded> {
+        let Stream {
+            slot,
+            views,
+            restored,
+            todo,
+            mut maps,
+            mut embeddings,
+            ..
+        } = self;
+        if todo.len() < views.len() {
+            tracing::info!(
+                images = views.len(),
+                restored = views.len() - todo.len(),
+                "resumed from the checkpoint"
+            );
+            let computed = if maps.is_empty() {
+                None
+            } else {
+                Some(Tensor::cat(&maps, 0).ctx("concatenate feature maps")?)
+            };
+            let mut fresh = embeddings.into_iter();
+            let mut next_fresh = 0;
+            embeddings = Vec::with_capacity(views.len());
+            maps = Vec::new();
+            for r in restored {
+                match r {
+                    Some((e, m)) => {
+                        embeddings.push(e);
+                        maps.extend(m);
+                    }
+                    None => {
+                        embeddings.push(fresh.next().expect("one embedding per computed image"));
+                        if let Some(c) = &computed {
+                            maps.push(c.narrow(0, next_fresh, 1)?);
+                        }
+                        next_fresh += 1;
+                    }
+                }
+            }
+        }
+        let maps = if maps.is_empty() {
             None
         } else {
             Some(Tensor::cat(&maps, 0).ctx("concatenate feature maps")?)
         };
-        let mut fresh = embeddings.into_iter();
-        let mut next_fresh = 0;
-        embeddings = Vec::with_capacity(views.len());
-        maps = Vec::new();
-        for r in restored {
-            match r {
-                Some((e, m)) => {
-                    embeddings.push(e);
-                    maps.extend(m);
-                }
-                None => {
-                    embeddings.push(fresh.next().expect("one embedding per computed image"));
-                    if let Some(c) = &computed {
-                        maps.push(c.narrow(0, next_fresh, 1)?);
-                    }
-                    next_fresh += 1;
-                }
-            }
-        }
+        Ok(Embedded {
+            slot,
+            views,
+            maps,
+            embeddings,
+        })
     }
-    let maps = if maps.is_empty() {
-        None
-    } else {
-        Some(Tensor::cat(&maps, 0).ctx("concatenate feature maps")?)
-    };
-    timings.forward += ms(t1);
-    Ok(Embedded {
-        slot,
-        views,
-        maps,
-        embeddings,
-    })
 }
 
 /// The checkpoint key of an image file: its absolute path, size and modification time (the
@@ -244,4 +409,92 @@ fn save_checkpoint(
         c.put_embedding(key, &embeddings[j])?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::NoProgress;
+    use fam_core::candle::Device;
+    use fam_core::traits::{Features, ResizePolicy};
+
+    /// Embeds each image as its per-channel means, with 2x2 maps of quadrant means, and
+    /// records the size of every batch it is given.
+    struct Means(std::sync::Mutex<Vec<usize>>);
+    impl Backbone for Means {
+        fn describe(&self) -> String {
+            "means".into()
+        }
+        fn input_spec(&self) -> InputSpec {
+            InputSpec {
+                resize: ResizePolicy::Exact {
+                    width: 16,
+                    height: 16,
+                },
+                mean: [0.0; 3],
+                std: [1.0; 3],
+            }
+        }
+        fn device(&self) -> Device {
+            Device::Cpu
+        }
+        fn forward(&self, batch: &Tensor) -> Result<Features> {
+            self.0.lock().unwrap().push(batch.dims()[0]);
+            let (b, c) = (batch.dims()[0], batch.dims()[1]);
+            let maps = batch.reshape((b, c, 2, 8, 2, 8))?.mean(5)?.mean(3)?;
+            Ok(Features {
+                embeddings: maps.mean((2, 3))?,
+                maps,
+            })
+        }
+    }
+
+    fn embed(paths: &[PathBuf], batch: usize, overlap: Overlap) -> (Embedded, Vec<usize>, Counts) {
+        let backbone = Means(Default::default());
+        let mut counts = Counts::default();
+        let e = embed_images(
+            &backbone,
+            &backbone.input_spec(),
+            paths,
+            batch,
+            true,
+            &NoProgress,
+            &mut Timings::default(),
+            &mut counts,
+            None,
+            Decoding::Strict,
+            &mut Vec::new(),
+            overlap,
+        )
+        .unwrap();
+        (e, backbone.0.into_inner().unwrap(), counts)
+    }
+
+    #[test]
+    fn decoding_beside_the_forward_pass_gives_the_same_batches_and_results() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut paths: Vec<PathBuf> = ["chelsea.png", "coffee.png", "astronaut.png", "camera.png"]
+            .iter()
+            .map(|f| root.join("data/images").join(f))
+            .collect();
+        // An unreadable file in the middle shifts the later images into earlier batches.
+        paths.insert(1, root.join("data/images/no-such-image.png"));
+        paths.extend(paths.clone());
+        for batch in [1, 3, 16] {
+            let (a, batches_a, counts_a) = embed(&paths, batch, Overlap::Off);
+            let (b, batches_b, counts_b) = embed(&paths, batch, Overlap::On);
+            assert_eq!(batches_a, batches_b, "batch {batch}");
+            assert_eq!(batches_a.iter().sum::<usize>(), 8);
+            assert!(batches_a.iter().all(|&n| n <= batch));
+            assert_eq!(a.slot, b.slot);
+            assert_eq!(a.embeddings, b.embeddings);
+            assert_eq!(counts_a.images_forwarded, 8);
+            assert_eq!(counts_b.images_forwarded, 8);
+            let (ma, mb) = (a.maps.unwrap(), b.maps.unwrap());
+            assert_eq!(ma.dims(), &[8, 3, 2, 2]);
+            let diff = (ma - mb).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+            assert!(a.slot[1].as_ref().unwrap_err().contains("no-such-image"));
+        }
+    }
 }

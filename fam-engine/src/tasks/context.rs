@@ -112,6 +112,7 @@ impl TaskContext<'_> {
             self.checkpoint,
             self.p.pipeline.run.decoding,
             self.partial,
+            crate::embed::Overlap::for_device(&self.session.backbone.device()),
         )
     }
 }

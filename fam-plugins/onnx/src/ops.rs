@@ -718,6 +718,13 @@ fn conv(ctx: &Ctx, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>
     };
     let y = if group == cin && cin_g == 1 && cout == cin && dilation == 1 && kh == kw {
         fam_nn::depthwise(&x, w, stride, padding)?
+    } else if group == 1 && (kh, kw, stride, padding) == (1, 1, 1, 0) {
+        // Pointwise: one matrix product per image (a strided batched GEMM on a GPU), with
+        // no im2col copy and the output already in NCHW.
+        let (n, _, h, wd) = x.dims4()?;
+        w.reshape((cout, cin))?
+            .broadcast_matmul(&x.reshape((n, cin, h * wd))?)?
+            .reshape((n, cout, h, wd))?
     } else {
         x.conv2d(w, padding, stride, dilation, group)?
     };
@@ -1586,6 +1593,39 @@ mod tests {
             name: name.into(),
             i,
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pointwise_and_depthwise_convolutions_match_candles() {
+        let cpu = &fam_core::candle::Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 6, 5, 7), cpu).unwrap();
+        let b = Tensor::randn(0f32, 1., 6, cpu).unwrap();
+        for (w, group) in [
+            (Tensor::randn(0f32, 1., (6, 6, 1, 1), cpu).unwrap(), 1),
+            (Tensor::randn(0f32, 1., (6, 1, 3, 3), cpu).unwrap(), 6),
+        ] {
+            let k = w.dims()[2];
+            let pads = AttributeProto {
+                name: "pads".into(),
+                ints: vec![(k / 2) as i64; 4],
+                ..Default::default()
+            };
+            let y = run(
+                "Conv",
+                &[("x", x.clone()), ("w", w.clone()), ("b", b.clone())],
+                vec![int_attr("group", group), pads],
+                1,
+            )
+            .unwrap()
+            .remove(0);
+            let want = x
+                .conv2d(&w, k / 2, 1, 1, group as usize)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, 6, 1, 1)).unwrap())
+                .unwrap();
+            let d = (y - want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "group {group}");
         }
     }
 

@@ -1,7 +1,7 @@
 //! A plugin built as if with another candle feature set: its ABI fingerprint says candle
-//! was compiled with `cuda` (this machine cannot compile that build, so the declaration says
-//! it by hand, exactly as such a build's fingerprint would). The host must refuse it before
-//! calling anything but the fingerprint, naming the part that differs.
+//! was compiled with `cuda` where it was not, and without it (`cpu`) where it was (the
+//! declaration says it by hand, exactly as the other build's fingerprint would). The host
+//! must refuse it before calling anything but the fingerprint, naming the part that differs.
 
 use std::ffi::{c_char, CString};
 use std::sync::OnceLock;
@@ -15,8 +15,9 @@ extern "C" fn fingerprint() -> *const c_char {
         let changed = real
             .lines()
             .map(|l| {
-                if l.starts_with("candle-core features: ") {
-                    "candle-core features: cuda".to_string()
+                if let Some(features) = l.strip_prefix("candle-core features: ") {
+                    let other = if features == "cpu" { "cuda" } else { "cpu" };
+                    format!("candle-core features: {other}")
                 } else {
                     l.to_string()
                 }

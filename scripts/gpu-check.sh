@@ -79,7 +79,11 @@ step() { echo; echo "== $*"; }
 [[ -f $carry ]] || { echo "no ${carry#"$root"/}: run scripts/gpu-check.sh --prepare where cargo is, and carry it"; exit 2; }
 rm -rf "$work/unpacked"
 mkdir -p "$work/unpacked"
-tar -C "$work/unpacked" -xJf "$carry"
+# Python's tarfile where tar has no xz.
+tar -C "$work/unpacked" -xJf "$carry" 2>/dev/null ||
+    python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$carry" "$work/unpacked" ||
+    { echo "cannot unpack $carry"; exit 2; }
+chmod +x "$work/unpacked/bin/fam-cli"
 bin=$work/unpacked/bin
 mkdir -p models/fetched
 cp -n "$work"/unpacked/models/fetched/* models/fetched/ 2>/dev/null || true

@@ -74,6 +74,31 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// Embed a retrieval pipeline's gallery into an index that runs search instead
+    /// (`task.index`): each `--shard K/N` embeds its part of the gallery once, and parts from
+    /// many machines form one index by being put in one folder. `--check DIR` reports parts
+    /// that are missing, duplicated or from another model, and files changed since.
+    Index {
+        /// The retrieval pipeline (its gallery, model and `task.index`).
+        #[arg(required_unless_present = "check")]
+        pipeline: Option<PathBuf>,
+        /// Build only part K of N of the gallery, e.g. for an array job.
+        #[arg(long, value_parser = fam_engine::pipeline::Shard::parse)]
+        shard: Option<fam_engine::pipeline::Shard>,
+        /// Where the parts go (default: the pipeline's `task.index`).
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Override the pipeline's device: cpu, cuda or cuda:N.
+        #[arg(long)]
+        device: Option<String>,
+        /// Check the index in DIR instead of building a part (exit code 1 when it is
+        /// incomplete or out of date).
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["pipeline", "shard", "output", "device"])]
+        check: Option<PathBuf>,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Combine the output folders of a sharded run (`run --shard K/N`) into one.
     Merge {
         /// The shard folders (any order).
@@ -409,6 +434,91 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Index {
+            check: Some(dir),
+            json,
+            ..
+        } => {
+            let r = fam_engine::index::check(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{}: {} parts, {} embeddings",
+                    r.dir.display(),
+                    r.parts,
+                    r.rows
+                );
+                for p in &r.problems {
+                    println!("problem: {p}");
+                }
+                for c in &r.changed {
+                    println!("changed: {c}");
+                }
+                println!(
+                    "{}",
+                    if r.ok() {
+                        "ok: complete, one model, every indexed file unchanged".to_string()
+                    } else {
+                        format!(
+                            "not ok: {} problems, {} changed files",
+                            r.problems.len(),
+                            r.changed.len()
+                        )
+                    }
+                );
+            }
+            Ok(if r.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Index {
+            pipeline,
+            shard,
+            output,
+            device,
+            json,
+            check: None,
+        } => {
+            let pipeline = pipeline.context("give the pipeline to index, or --check DIR")?;
+            let (p, mut host) = open_pipeline(&pipeline, &cli.plugin_dirs)?;
+            let progress = Bars::new(cli.quiet);
+            let r = fam_engine::index::build_part(
+                &p,
+                &mut host,
+                &RunOptions {
+                    device,
+                    output,
+                    shard,
+                    resume: false,
+                },
+                &progress,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                eprintln!(
+                    "part {} of {}: {} of {} gallery images embedded, {} ({:.0} ms; forward {:.0} ms)",
+                    r.part,
+                    r.parts,
+                    r.rows,
+                    r.files,
+                    r.header.display(),
+                    r.timings_ms.total,
+                    r.timings_ms.forward
+                );
+                for f in &r.failures {
+                    eprintln!("failed: {}: {}", f.item, f.error);
+                }
+            }
+            Ok(if r.failures.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Merge { shards, output } => {
             let mut host = PluginHost::new(&cli.plugin_dirs);

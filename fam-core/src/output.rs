@@ -24,6 +24,18 @@ pub trait OutputSink {
 
 /// Serializes a `f32` array as a NumPy `.npy` (version 1.0, little-endian `<f4`, C order).
 pub fn npy_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
+    let mut out = npy_f32_header(shape);
+    out.reserve(data.len() * 4);
+    for v in data {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// The header of a version 1.0 `.npy` file of little-endian f32 in C order with this shape:
+/// the data that follows starts at a multiple of 64 bytes, so a memory map of the file can
+/// be read as `f32` in place.
+pub fn npy_f32_header(shape: &[usize]) -> Vec<u8> {
     let shape_txt = match shape {
         [n] => format!("({n},)"),
         _ => format!(
@@ -40,18 +52,16 @@ pub fn npy_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
     let unpadded = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
     header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + data.len() * 4);
+    let mut out = Vec::with_capacity(10 + header.len());
     out.extend_from_slice(b"\x93NUMPY\x01\x00");
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
-    for v in data {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
     out
 }
 
-/// Reads a `.npy` written by [`npy_f32`]: `(shape, values)`.
-pub fn read_npy_f32(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
+/// The shape of a version 1.0 `.npy` file of little-endian f32 in C order, and the offset
+/// of its data, from the file's first bytes.
+pub fn read_npy_f32_header(bytes: &[u8]) -> Result<(Vec<usize>, usize)> {
     let bad = |m: &str| FamError::invalid(format!("npy: {m}"));
     if bytes.len() < 10 || &bytes[..8] != b"\x93NUMPY\x01\x00" {
         return Err(bad("not a version 1.0 .npy file"));
@@ -74,10 +84,16 @@ pub fn read_npy_f32(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
         .filter(|s| !s.trim().is_empty())
         .map(|s| s.trim().parse::<usize>().map_err(|_| bad("bad shape")))
         .collect::<Result<Vec<_>>>()?;
+    Ok((shape, 10 + hlen))
+}
+
+/// Reads a `.npy` written by [`npy_f32`]: `(shape, values)`.
+pub fn read_npy_f32(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
+    let (shape, offset) = read_npy_f32_header(bytes)?;
     let n: usize = shape.iter().product();
-    let data = &bytes[10 + hlen..];
+    let data = &bytes[offset..];
     if data.len() != n * 4 {
-        return Err(bad("data size does not match the shape"));
+        return Err(FamError::invalid("npy: data size does not match the shape"));
     }
     let values = data
         .chunks_exact(4)

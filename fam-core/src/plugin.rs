@@ -413,6 +413,16 @@ impl Similarity for GuardedSimilarity {
             self.inner.distance(e, r)
         })
     }
+    fn keys_from_inner_products(
+        &self,
+        dots: &mut [f32],
+        e_sq: &[f32],
+        r_sq: &[f32],
+    ) -> Result<bool> {
+        guard(&self.plugin, "Similarity::keys_from_inner_products", || {
+            self.inner.keys_from_inner_products(dots, e_sq, r_sq)
+        })
+    }
 }
 
 /// A plugin's renderer behind panic guards; its name and `runs_last` are asked for once,

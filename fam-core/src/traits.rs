@@ -117,6 +117,30 @@ pub trait Similarity: Send + Sync {
     fn distance(&self, _e: &[f32], _r: &[f32]) -> Result<Option<f32>> {
         Ok(None)
     }
+    /// Ranking keys of `n` embeddings against `m` references from their inner products, so
+    /// that a search scores a whole block of references with one matrix product instead of
+    /// `n × m` calls to [`Similarity::score`].
+    ///
+    /// On entry `dots[i * m + j]` is `e_i · r_j` (`dots.len() == n * m`), `e_sq[i]` is
+    /// `‖e_i‖²` and `r_sq[j]` is `‖r_j‖²`. On return `dots[i * m + j]` must order the
+    /// references of each `i` as [`rank_key`](crate::explain::rank_key)`(score, distance)`
+    /// does: higher is a better match. Keys are compared only within one `i`, so a positive
+    /// factor or a term that depends on `i` alone may be dropped; a pair whose score is
+    /// undefined gets a non-finite key and is never a hit. The search reports the exact
+    /// [`Similarity::score`] and [`Similarity::distance`] of the hits it keeps, so keys only
+    /// choose them.
+    ///
+    /// Returns `Ok(false)`, leaving `dots` alone, for a metric that is not a function of
+    /// the inner product and the two norms (the default): the search then calls `score`
+    /// and `distance` for every pair.
+    fn keys_from_inner_products(
+        &self,
+        _dots: &mut [f32],
+        _e_sq: &[f32],
+        _r_sq: &[f32],
+    ) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// Turns explanations into files, written through an [`OutputSink`] so that each file is

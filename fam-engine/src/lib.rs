@@ -9,7 +9,8 @@
 //!   [`maps`]: FAM maps in batches; [`tasks`]: the tasks, behind one trait;
 //! - [`run`]: running a pipeline (it orchestrates: embed, task, maps, render); [`report`]:
 //!   what a run reports;
-//! - [`cache`]: the feature cache and checkpoints of `--resume`;
+//! - [`cache`]: the feature cache and checkpoints of `--resume`; [`index`]: the gallery
+//!   index (`fam-cli index`) and the exact streaming top-k search every retrieval uses;
 //! - [`eval`], [`bench`], [`merge`]: `fam-cli eval`, `bench` and `merge`;
 //! - [`output`]: the output folder (atomic writes); [`documents`]: the typed JSON documents
 //!   (manifest, retrieval, episode, predictions); [`device`]: device names.
@@ -20,6 +21,7 @@ pub mod device;
 pub mod documents;
 pub mod embed;
 pub mod eval;
+pub mod index;
 pub mod loader;
 pub mod maps;
 pub mod merge;

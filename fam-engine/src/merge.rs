@@ -264,6 +264,7 @@ pub fn merge(output: &Path, shards: &[PathBuf], host: &mut PluginHost) -> Result
         let (t, n) = (&mut manifest.timings_ms, &m.timings_ms);
         t.load_models += n.load_models;
         t.decode_preprocess += n.decode_preprocess;
+        t.search += n.search;
         t.forward += n.forward;
         t.fam += n.fam;
         t.render += n.render;

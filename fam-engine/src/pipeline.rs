@@ -188,7 +188,12 @@ pub enum TaskSection {
     /// Query images against a gallery: rank, keep `top_k`, map both sides of every hit.
     Retrieval {
         queries: ImageSet,
-        gallery: ImageSet,
+        /// The images to search; `fam-cli index` embeds them into `index`.
+        #[serde(default)]
+        gallery: Option<ImageSet>,
+        /// A gallery index (`fam-cli index`) to search instead of embedding `gallery`.
+        #[serde(default)]
+        index: Option<PathBuf>,
         #[serde(default = "default_top_k")]
         top_k: usize,
         /// Skip gallery images with the same content as the query.
@@ -489,11 +494,17 @@ impl LoadedPipeline {
                 queries,
                 gallery,
                 cache_dir,
+                index,
                 ..
             } => {
                 queries.resolve(&fix);
-                gallery.resolve(&fix);
+                if let Some(g) = gallery.as_mut() {
+                    g.resolve(&fix);
+                }
                 if let Some(d) = cache_dir.as_mut() {
+                    fix(d);
+                }
+                if let Some(d) = index.as_mut() {
                     fix(d);
                 }
             }
@@ -645,11 +656,19 @@ impl LoadedPipeline {
             TaskSection::Retrieval {
                 queries,
                 gallery,
+                index,
                 top_k,
                 ..
             } => {
                 problems.extend(queries.problems("task.queries"));
-                problems.extend(gallery.problems("task.gallery"));
+                match (gallery, index) {
+                    (Some(g), _) => problems.extend(g.problems("task.gallery")),
+                    (None, Some(_)) => {}
+                    (None, None) => problems.push(Problem::new(
+                        "task.gallery",
+                        "no `gallery` (the images to search) and no `index` (a gallery indexed by `fam-cli index`)",
+                    )),
+                }
                 if *top_k == 0 {
                     problems.push(Problem::new("task.top_k", "0 keeps no hits; use 1 or more"));
                 }

@@ -82,6 +82,9 @@ pub struct Timings {
     pub decode_preprocess: f64,
     pub forward: f64,
     pub fam: f64,
+    /// Retrieval: ranking the queries against the gallery (or its index).
+    #[serde(default)]
+    pub search: f64,
     pub render: f64,
     pub total: f64,
 }

@@ -8,6 +8,7 @@ mod cli;
 mod docs;
 mod eval;
 mod fewshot;
+mod index;
 mod interrupt;
 mod pair;
 mod plugins;

@@ -24,6 +24,7 @@ pub fn task_of(section: &TaskSection) -> Box<dyn Task> {
         TaskSection::Retrieval {
             queries,
             gallery,
+            index,
             top_k,
             exclude_self,
             cache,
@@ -31,6 +32,7 @@ pub fn task_of(section: &TaskSection) -> Box<dyn Task> {
         } => Box::new(Retrieval {
             queries,
             gallery,
+            index,
             top_k,
             exclude_self,
             cache,

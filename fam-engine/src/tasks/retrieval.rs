@@ -1,5 +1,7 @@
 //! The retrieval task (DESIGN.md section 2): query images against a gallery. The gallery is
-//! embedded once (and cached on disk); feature maps are computed only for the hits.
+//! embedded once (and cached on disk), or read from an index built by `fam-cli index`; the
+//! exact top-k search streams over it ([`crate::index::search`]); feature maps are computed
+//! only for the hits.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,17 +12,19 @@ use fam_core::candle::Tensor;
 use super::context::{Task, TaskContext, TaskOutput, UniqueIds};
 use crate::cache::{sha256_hex, FeatureCache};
 use crate::documents::{Hit, QueryRanking, RetrievalDocument};
+use crate::index::search::{self, Found, MemoryRows, Rows};
+use crate::index::{Index, ModelFingerprint};
 use crate::maps::MapJob;
-use crate::output::{OutputDir, OutputSink};
+use crate::output::{safe_stem, OutputDir, OutputSink};
 use crate::pipeline::ImageSet;
 use crate::preprocess::{self, Prepared};
 use crate::report::{ms, Failure};
 use fam_core::error::{CandleContext, FamError, Result};
-use fam_core::explain::{rank_key, Comparison, Explanation, ImageRecord, Side, Target};
+use fam_core::explain::{Comparison, Explanation, ImageRecord, Side, Target};
 use fam_core::records::document_bytes;
 
-/// A ranked hit: gallery index, score, distance.
-type Ranked = (usize, f32, Option<f32>);
+/// A ranked hit: gallery row, score, distance.
+type Ranked = (u64, f32, Option<f32>);
 
 /// One gallery image: its content key and embedding (or why it has none).
 struct GalleryItem {
@@ -29,11 +33,71 @@ struct GalleryItem {
     embedding: std::result::Result<Vec<f32>, String>,
 }
 
+/// What the run knows of a gallery row: its file, content hash, and how many files before it
+/// in the listing share its name (for its id).
+#[derive(Debug, Clone)]
+struct RowInfo {
+    path: PathBuf,
+    sha256: String,
+    same_name_before: usize,
+}
+
+/// The gallery searched: embedded by this run, or an index.
+enum Gallery {
+    Memory {
+        rows: MemoryRows,
+        info: Vec<RowInfo>,
+        size: usize,
+    },
+    Index(Index),
+}
+
+impl Gallery {
+    fn rows(&self) -> &dyn Rows {
+        match self {
+            Gallery::Memory { rows, .. } => rows,
+            Gallery::Index(i) => i,
+        }
+    }
+
+    fn info(&self, rows: &[u64]) -> Result<HashMap<u64, RowInfo>> {
+        match self {
+            Gallery::Memory { info, .. } => Ok(rows
+                .iter()
+                .map(|&r| (r, info[r as usize].clone()))
+                .collect()),
+            Gallery::Index(i) => Ok(i
+                .items(rows)?
+                .into_iter()
+                .map(|(r, it)| {
+                    (
+                        r,
+                        RowInfo {
+                            path: it.path,
+                            sha256: it.sha256,
+                            same_name_before: it.same_name_before,
+                        },
+                    )
+                })
+                .collect()),
+        }
+    }
+
+    /// Files listed, and files embedded.
+    fn sizes(&self) -> (usize, usize) {
+        match self {
+            Gallery::Memory { info, size, .. } => (*size, info.len()),
+            Gallery::Index(i) => (i.listing.files, i.rows() as usize),
+        }
+    }
+}
+
 /// The `retrieval` task of a pipeline.
 #[derive(Debug, Clone)]
 pub struct Retrieval {
     pub queries: ImageSet,
-    pub gallery: ImageSet,
+    pub gallery: Option<ImageSet>,
+    pub index: Option<PathBuf>,
     pub top_k: usize,
     pub exclude_self: bool,
     pub cache: bool,
@@ -51,6 +115,28 @@ impl Task for Retrieval {
     }
 }
 
+/// Opens the index and checks it was built with this run's model.
+fn open_index(dir: &Path, ctx: &TaskContext) -> Result<Index> {
+    let index = Index::open(dir)?;
+    let ours = ModelFingerprint::of(
+        ctx.p.pipeline.backbone.weights.as_deref(),
+        &ctx.session.backbone.describe(),
+        &ctx.session.spec,
+    )?;
+    if index.model.fingerprint != ours.fingerprint {
+        return Err(FamError::invalid(format!(
+            "index {} was built with model {}, but this pipeline ({}) uses model {}: build the index again with this pipeline (`fam-cli index {}`), or point `task.index` at one built with this model",
+            dir.display(),
+            index.model,
+            ctx.p.path.display(),
+            ours,
+            ctx.p.path.display()
+        )));
+    }
+    tracing::info!(index = %dir.display(), rows = index.rows(), gallery = index.listing.files, "gallery index");
+    Ok(index)
+}
+
 fn run_retrieval(
     task: &Retrieval,
     ctx: &mut TaskContext,
@@ -60,23 +146,32 @@ fn run_retrieval(
     let Retrieval {
         queries,
         gallery,
+        index,
         top_k,
         exclude_self,
         cache,
         cache_dir,
     } = task;
-    let (queries, gallery_files) = (queries.files()?, gallery.files()?);
+    let queries = queries.files()?;
     // Ids come from the full lists (every query, then every gallery image), so they are the
-    // same in every shard as in a single run.
+    // same in every shard as in a single run, with or without an index.
     let mut unique = UniqueIds::default();
-    let all_ids: Vec<String> = queries
-        .iter()
-        .chain(&gallery_files)
-        .map(|p| unique.id(p))
-        .collect();
+    let all_query_ids: Vec<String> = queries.iter().map(|p| unique.id(p)).collect();
+    let mut query_stems: HashMap<String, usize> = HashMap::new();
+    for q in &queries {
+        *query_stems.entry(safe_stem(q)).or_insert(0) += 1;
+    }
+    let gallery_id = |info: &RowInfo| {
+        let stem = safe_stem(&info.path);
+        let n = query_stems.get(&stem).copied().unwrap_or(0) + info.same_name_before + 1;
+        if n == 1 {
+            stem
+        } else {
+            format!("{stem}-{n}")
+        }
+    };
     let range = ctx.shard_range(queries.len());
-    let (query_ids, gallery_ids) = all_ids.split_at(queries.len());
-    let query_ids = query_ids[range.clone()].to_vec();
+    let query_ids = all_query_ids[range.clone()].to_vec();
     let queries = queries[range].to_vec();
     let cache = if *cache {
         let root = cache_dir.clone().unwrap_or_else(|| output.join("cache"));
@@ -90,7 +185,53 @@ fn run_retrieval(
         None
     };
 
-    let gallery = embed_gallery(ctx, &gallery_files, cache.as_ref())?;
+    let gallery = match (index, gallery) {
+        (Some(dir), _) => {
+            let index = open_index(dir, ctx)?;
+            ctx.failures.extend(index.failures().cloned());
+            Gallery::Index(index)
+        }
+        (None, Some(set)) => {
+            let files = set.files()?;
+            let items = embed_gallery(ctx, &files, cache.as_ref())?;
+            let mut seen: HashMap<String, usize> = HashMap::new();
+            let mut info = Vec::new();
+            let mut values = Vec::new();
+            let mut dims = 0;
+            for item in &items {
+                let c = seen.entry(safe_stem(&item.path)).or_insert(0);
+                *c += 1;
+                if let Ok(e) = &item.embedding {
+                    if dims == 0 {
+                        dims = e.len();
+                    }
+                    if e.len() != dims {
+                        return Err(FamError::invalid(format!(
+                            "{}: the backbone gave {} values, earlier gallery images {dims}",
+                            item.path.display(),
+                            e.len()
+                        )));
+                    }
+                    values.extend_from_slice(e);
+                    info.push(RowInfo {
+                        path: item.path.clone(),
+                        sha256: item.key.clone(),
+                        same_name_before: *c - 1,
+                    });
+                }
+            }
+            Gallery::Memory {
+                rows: MemoryRows { dims, values },
+                info,
+                size: items.len(),
+            }
+        }
+        (None, None) => {
+            return Err(FamError::invalid(
+                "the retrieval task has neither `gallery` nor `index`",
+            ))
+        }
+    };
 
     // Queries, with their feature maps.
     let q = ctx.embed(&queries, true)?;
@@ -118,61 +259,100 @@ fn run_retrieval(
         .map(|p| std::fs::read(p).ok().map(|b| sha256_hex(&b)))
         .collect();
 
-    // Rank every query against the gallery.
+    // Rank every embedded query against the gallery: one streaming pass.
     let t = Instant::now();
     let sim = ctx.session.similarity.as_ref();
+    let searched: Vec<usize> = (0..queries.len()).filter(|i| q.slot[*i].is_ok()).collect();
+    let embs: Vec<Vec<f32>> = searched
+        .iter()
+        .map(|&i| q.embeddings[*q.slot[i].as_ref().unwrap()].clone())
+        .collect();
+    let mut exclude = |asked: &[(usize, &[u64])]| -> Result<Vec<Vec<bool>>> {
+        if !*exclude_self {
+            return search::exclude_none(asked);
+        }
+        let rows: Vec<u64> = asked.iter().flat_map(|(_, r)| r.iter().copied()).collect();
+        let info = gallery.info(&rows)?;
+        Ok(asked
+            .iter()
+            .map(|(s, rows)| {
+                let key = query_keys[searched[*s]].as_deref();
+                rows.iter()
+                    .map(|r| key.is_some() && info.get(r).map(|i| i.sha256.as_str()) == key)
+                    .collect()
+            })
+            .collect())
+    };
+    let (hits_total, dims) = (gallery.sizes().1, gallery.rows().dims());
+    ctx.progress.stage("search", hits_total as u64);
+    let progress = |n: usize| ctx.progress.advance(n as u64);
+    let (found, stats) = if hits_total == 0 || dims == 0 {
+        (
+            vec![Found::Hits(Vec::new()); embs.len()],
+            search::SearchStats::default(),
+        )
+    } else {
+        search::search(&embs, gallery.rows(), sim, *top_k, &mut exclude, &progress)?
+    };
+    ctx.progress.finish_stage();
     let mut rankings: Vec<(usize, Vec<Ranked>)> = Vec::new();
-    for (i, path) in queries.iter().enumerate() {
-        let Ok(slot) = q.slot[i] else { continue };
-        let e = &q.embeddings[slot];
-        let mut scored = Vec::with_capacity(gallery.len());
-        let mut error = None;
-        for (g, item) in gallery.iter().enumerate() {
-            let Ok(r) = &item.embedding else { continue };
-            if *exclude_self && query_keys[i].as_deref() == Some(item.key.as_str()) {
-                continue;
-            }
-            match sim.score(e, r) {
-                Ok(s) => scored.push((g, s, sim.distance(e, r).ok().flatten())),
-                Err(err) => {
-                    error = Some(err);
-                    break;
-                }
-            }
+    for (s, f) in found.into_iter().enumerate() {
+        let i = searched[s];
+        match f {
+            Found::Hits(h) => rankings.push((
+                i,
+                h.into_iter().map(|h| (h.row, h.score, h.distance)).collect(),
+            )),
+            Found::Failed(error) => ctx.failures.push(Failure {
+                item: format!("query {}", queries[i].display()),
+                error,
+            }),
         }
-        if let Some(err) = error {
-            ctx.failures.push(Failure {
-                item: format!("query {}", path.display()),
-                error: err.to_string(),
-            });
-            continue;
-        }
-        scored.sort_by(|a, b| rank_key(b.1, b.2).total_cmp(&rank_key(a.1, a.2)));
-        scored.truncate(*top_k);
-        rankings.push((i, scored));
     }
-    ctx.timings.fam += ms(t);
+    ctx.timings.search += ms(t);
+    tracing::info!(queries = embs.len(), rows = stats.rows_scanned, passes = stats.passes, inner_products = stats.inner_products, ms = ms(t), "search");
 
     // Feature maps for the hits only: from the cache, or one batched forward pass.
-    let mut hit_ids: Vec<usize> = rankings
+    let mut hit_rows: Vec<u64> = rankings
         .iter()
         .flat_map(|(_, h)| h.iter().map(|x| x.0))
         .collect();
-    hit_ids.sort_unstable();
-    hit_ids.dedup();
-    let hit_paths: Vec<&Path> = hit_ids.iter().map(|&g| gallery[g].path.as_path()).collect();
+    hit_rows.sort_unstable();
+    hit_rows.dedup();
+    let info = gallery.info(&hit_rows)?;
+    let hit_info: Vec<&RowInfo> = hit_rows.iter().map(|r| &info[r]).collect();
+    let hit_paths: Vec<&Path> = hit_info.iter().map(|i| i.path.as_path()).collect();
     let t = Instant::now();
+    let indexed = matches!(gallery, Gallery::Index(_));
     let hit_views: Vec<Result<Prepared>> =
         preprocess::prepare_files_with(&hit_paths, &ctx.session.spec, ctx.p.pipeline.run.decoding)
             .into_iter()
-            .map(|r| r.map(|(prepared, _)| prepared))
+            .zip(&hit_info)
+            .map(|(r, info)| {
+                let (prepared, _) = r?;
+                // An indexed file must still be the one whose embedding ranked it.
+                if indexed {
+                    let now = crate::cache::sha256_file(&info.path)?;
+                    if now != info.sha256 {
+                        return Err(FamError::Item {
+                            item: info.path.display().to_string(),
+                            message: format!(
+                                "changed since it was indexed (sha256 {}, indexed {}): build its index part again",
+                                &now[..12],
+                                &info.sha256[..info.sha256.len().min(12)]
+                            ),
+                        });
+                    }
+                }
+                Ok(prepared)
+            })
             .collect();
     ctx.timings.decode_preprocess += ms(t);
-    let mut hit_maps: Vec<Option<Tensor>> = vec![None; hit_ids.len()];
+    let mut hit_maps: Vec<Option<Tensor>> = vec![None; hit_rows.len()];
     let mut to_forward: Vec<usize> = Vec::new();
     let device = ctx.session.backbone.device();
-    for (h, &g) in hit_ids.iter().enumerate() {
-        if let Some((shape, data)) = cache.as_ref().and_then(|c| c.maps(&gallery[g].key)) {
+    for (h, info) in hit_info.iter().enumerate() {
+        if let Some((shape, data)) = cache.as_ref().and_then(|c| c.maps(&info.sha256)) {
             hit_maps[h] = Some(Tensor::from_vec(
                 data,
                 (shape[0], shape[1], shape[2]),
@@ -200,7 +380,7 @@ fn run_retrieval(
                     .flatten_all()?
                     .to_dtype(fam_core::candle::DType::F32)?
                     .to_vec1()?;
-                c.put_maps(&gallery[hit_ids[h]].key, &shape, &data)?;
+                c.put_maps(&hit_info[h].sha256, &shape, &data)?;
             }
             hit_maps[h] = Some(m);
         }
@@ -208,21 +388,23 @@ fn run_retrieval(
     ctx.timings.forward += ms(t);
 
     let t = Instant::now();
-    let mut hit_rec: HashMap<usize, usize> = HashMap::new();
+    let mut hit_rec: HashMap<u64, usize> = HashMap::new();
     let mut hit_tensors = Vec::new();
-    for (h, &g) in hit_ids.iter().enumerate() {
+    let mut hit_embedding: HashMap<u64, Vec<f32>> = HashMap::new();
+    for (h, &row) in hit_rows.iter().enumerate() {
         match (&hit_views[h], hit_maps[h].take()) {
             (Ok(view), Some(m)) => {
-                hit_rec.insert(g, images.len());
+                hit_rec.insert(row, images.len());
                 images.push(ImageRecord {
-                    id: gallery_ids[g].clone(),
-                    source: gallery[g].path.clone(),
+                    id: gallery_id(hit_info[h]),
+                    source: hit_info[h].path.clone(),
                     view: view.view.clone(),
                 });
                 hit_tensors.push(m);
+                hit_embedding.insert(row, gallery.rows().row(row)?);
             }
             (Err(e), _) => ctx.failures.push(Failure {
-                item: format!("gallery {}", gallery[g].path.display()),
+                item: format!("gallery {}", hit_info[h].path.display()),
                 error: e.to_string(),
             }),
             (Ok(_), None) => {}
@@ -238,12 +420,10 @@ fn run_retrieval(
             continue;
         };
         let e = &q.embeddings[*qs];
-        for (rank, (g, score, distance)) in hits.iter().enumerate() {
-            let Some(&hr) = hit_rec.get(g) else { continue };
-            let r = gallery[*g].embedding.as_ref().map_err(|e| FamError::Item {
-                item: gallery[*g].path.display().to_string(),
-                message: e.clone(),
-            })?;
+        for (rank, (row, score, distance)) in hits.iter().enumerate() {
+            let (Some(&hr), Some(r)) = (hit_rec.get(row), hit_embedding.get(row)) else {
+                continue;
+            };
             // Hit records follow the query records, in the same order as `hit_tensors`.
             let hit_index = nq + hr + hit_tensors.len() - images.len();
             let weighting = ctx.p.pipeline.explain.weighting;
@@ -256,7 +436,7 @@ fn run_retrieval(
                         item: format!(
                             "query {} hit {}",
                             queries[*i].display(),
-                            gallery[*g].path.display()
+                            info[row].path.display()
                         ),
                         error: err.to_string(),
                     });
@@ -291,10 +471,11 @@ fn run_retrieval(
     ctx.timings.fam += ms(t);
 
     // The ranking, for programs.
+    let (gallery_size, gallery_embedded) = gallery.sizes();
     let doc = RetrievalDocument {
         top_k: *top_k,
-        gallery_size: gallery.len(),
-        gallery_embedded: gallery.iter().filter(|g| g.embedding.is_ok()).count(),
+        gallery_size,
+        gallery_embedded,
         queries: rankings
             .iter()
             .map(|(i, hits)| QueryRanking {
@@ -302,9 +483,9 @@ fn run_retrieval(
                 hits: hits
                     .iter()
                     .enumerate()
-                    .map(|(r, (g, s, d))| Hit {
+                    .map(|(r, (row, s, d))| Hit {
                         rank: r + 1,
-                        image: gallery[*g].path.display().to_string(),
+                        image: info[row].path.display().to_string(),
                         score: *s,
                         distance: *d,
                     })

@@ -106,6 +106,17 @@ impl Similarity for Cosine {
             .map(|(a, b)| (*b as f64 / (ne * nr) - s * *a as f64 / (ne * ne)) as f32)
             .collect())
     }
+    /// Key `e·r / ‖r‖`: the score times `‖e‖`, which is the same for every reference of a
+    /// query. A zero-norm reference gets a non-finite key (never a hit).
+    fn keys_from_inner_products(&self, dots: &mut [f32], e_sq: &[f32], r_sq: &[f32]) -> Result<bool> {
+        let inv: Vec<f32> = r_sq.iter().map(|s| 1.0 / s.sqrt()).collect();
+        for row in dots.chunks_exact_mut(r_sq.len().max(1)).take(e_sq.len()) {
+            for (d, i) in row.iter_mut().zip(&inv) {
+                *d *= i;
+            }
+        }
+        Ok(true)
+    }
 }
 
 /// Euclidean similarity `‖r‖² − ‖e − r‖²`, reported with the distance `‖e − r‖`.
@@ -144,6 +155,16 @@ impl Similarity for Euclidean {
                 .sqrt() as f32,
         ))
     }
+    /// Key `2 e·r − ‖r‖² = ‖e‖² − ‖e − r‖²`: minus the squared distance, up to `‖e‖²`,
+    /// which is the same for every reference of a query.
+    fn keys_from_inner_products(&self, dots: &mut [f32], e_sq: &[f32], r_sq: &[f32]) -> Result<bool> {
+        for row in dots.chunks_exact_mut(r_sq.len().max(1)).take(e_sq.len()) {
+            for (d, r) in row.iter_mut().zip(r_sq) {
+                *d = 2.0 * *d - r;
+            }
+        }
+        Ok(true)
+    }
 }
 
 #[cfg(test)]
@@ -164,6 +185,44 @@ mod tests {
 
     fn metrics() -> [Box<dyn Similarity>; 2] {
         [Box::new(Cosine), Box::new(Euclidean)]
+    }
+
+    #[test]
+    fn keys_from_inner_products_rank_references_like_the_scores() {
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        let queries: Vec<Vec<f32>> = (0..3).map(|s| sample(24, s)).collect();
+        let refs: Vec<Vec<f32>> = (10..30).map(|s| sample(24, s)).collect();
+        for m in metrics() {
+            let mut dots: Vec<f32> = queries
+                .iter()
+                .flat_map(|q| refs.iter().map(|r| dot(q, r)))
+                .collect();
+            let e_sq: Vec<f32> = queries.iter().map(|q| dot(q, q)).collect();
+            let r_sq: Vec<f32> = refs.iter().map(|r| dot(r, r)).collect();
+            assert!(m.keys_from_inner_products(&mut dots, &e_sq, &r_sq).unwrap());
+            for (i, q) in queries.iter().enumerate() {
+                let exact: Vec<f32> = refs
+                    .iter()
+                    .map(|r| {
+                        let s = m.score(q, r).unwrap();
+                        fam_core::explain::rank_key(s, m.distance(q, r).unwrap())
+                    })
+                    .collect();
+                let keys = &dots[i * refs.len()..(i + 1) * refs.len()];
+                let order = |v: &[f32]| {
+                    let mut idx: Vec<usize> = (0..v.len()).collect();
+                    idx.sort_by(|a, b| v[*b].total_cmp(&v[*a]));
+                    idx
+                };
+                assert_eq!(order(keys), order(&exact), "{} query {i}", m.name());
+            }
+        }
+        // A zero-norm reference is never a hit under cosine.
+        let mut dots = vec![0.0, 1.0];
+        assert!(Cosine
+            .keys_from_inner_products(&mut dots, &[1.0], &[0.0, 1.0])
+            .unwrap());
+        assert!(!dots[0].is_finite() && dots[1] == 1.0);
     }
 
     #[test]

@@ -190,6 +190,8 @@ gallery = "{FAM}/data/images"   # every PNG/JPEG in the folder
 top_k = 3                       # hits kept (and explained) per query
 exclude_self = true             # skip gallery images identical to the query
 cache = true                    # keep gallery embeddings on disk for the next run
+# index = "gallery-index"       # large galleries: `fam-cli index` this pipeline once
+                                # (in parts: --shard K/N), then runs search the index
 
 [[render]]
 plugin = "render"

@@ -78,10 +78,17 @@ pub fn embed_images(
     let mut state = Stream::new(backbone, batch_size, keep_maps, checkpoint);
     match overlap {
         Overlap::Off => {
-            let (decoded, took) = decode(paths);
-            timings.decode_preprocess += took;
-            state.accept(paths, decoded, partial);
-            progress.stage("forward", state.todo_len() as u64);
+            // Decode a few hundred images on every core, then run their batches, and so on:
+            // the batches are the same as decoding everything first, but memory holds one
+            // step's decoded images, not every input of the run.
+            const STEP: usize = 256;
+            progress.stage("forward", paths.len() as u64);
+            for block in paths.chunks(STEP.max(batch_size)) {
+                let (decoded, took) = decode(block);
+                timings.decode_preprocess += took;
+                state.accept(block, decoded, partial);
+                state.forward_ready(false, progress, counts, timings)?;
+            }
             state.forward_ready(true, progress, counts, timings)?;
         }
         Overlap::On => {
@@ -256,6 +263,11 @@ impl<'a> Stream<'a> {
         let backbone = self.backbone;
         let items: Vec<&Prepared> = chunk.iter().map(|&i| &self.views[i]).collect();
         let batch = preprocess::batch_tensor(&items, &self.device)?;
+        // The normalized input is in the batch now; only the view (for drawing) is kept, so
+        // a run over many images does not hold every input tensor until it ends.
+        for &i in chunk {
+            self.views[i].chw = Vec::new();
+        }
         let f = backbone.forward(&batch)?;
         let (b, _, _, _) = f
             .maps

@@ -89,6 +89,14 @@ pub struct Timings {
     pub total: f64,
 }
 
+/// The process's peak resident memory so far, in MiB (Linux's `VmHWM`; `None` elsewhere).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
 /// Milliseconds since `t`.
 pub fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3

@@ -233,7 +233,10 @@ fn recipe_equals_plain_run(name: &str, phases: Vec<Phase>) {
                 .is_some_and(|x| ["png", "jpg"].contains(&x.to_str().unwrap()))
         })
         .count() as u64;
-    assert_eq!(forwarded, gallery, "each gallery image forwarded exactly once");
+    assert_eq!(
+        forwarded, gallery,
+        "each gallery image forwarded exactly once"
+    );
 
     run_phase(&dir, &phases[1]);
     // A query shard forwards its queries and its hits, never the gallery.
@@ -264,7 +267,10 @@ fn recipe_equals_plain_run(name: &str, phases: Vec<Phase>) {
         "same files"
     );
     for (k, v) in &a {
-        assert!(v == &b[k], "{k} differs between the plain run and the merged shards");
+        assert!(
+            v == &b[k],
+            "{k} differs between the plain run and the merged shards"
+        );
     }
     let (ms, mm) = (
         json(&dir.join("single/manifest.json")),
@@ -299,7 +305,8 @@ fn an_index_of_another_model_is_refused_naming_both() {
     let r = run(fam().args(["-q", "run"]).arg(&ours));
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(
-        r.stderr.contains("built with model `mobilenet_v2@features.17`")
+        r.stderr
+            .contains("built with model `mobilenet_v2@features.17`")
             && r.stderr.contains("uses model `mobilenet_v2@features.18`"),
         "{}",
         r.stderr
@@ -334,7 +341,11 @@ fn check_reports_missing_parts_and_changed_files() {
 
     // A file changes after indexing: reported by --check; a run does not explain it with
     // the old embedding.
-    std::fs::copy(root().join("data/images/flower.jpg"), gallery.join("rocket.jpg")).unwrap();
+    std::fs::copy(
+        root().join("data/images/flower.jpg"),
+        gallery.join("rocket.jpg"),
+    )
+    .unwrap();
     let r = run(fam().args(["index", "--check"]).arg(&index));
     assert_eq!(r.code, 1, "{}", r.stdout);
     assert!(

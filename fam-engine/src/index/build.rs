@@ -5,7 +5,9 @@ use std::io::{Seek, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use super::{listing_sha256, part_files, Item, Listing, ModelFingerprint, PartHeader};
+use super::format::{
+    listing_sha256, part_files, Item, Listing, ModelFingerprint, PartHeader, FORMAT, VERSION,
+};
 use crate::cache::sha256_hex;
 use crate::loader::PluginHost;
 use crate::output::{safe_stem, write_atomic};
@@ -69,7 +71,9 @@ pub fn build_part(
         files: files.len(),
         sha256: listing_sha256(&files, root),
     };
-    let shard = opts.shard.unwrap_or(crate::pipeline::Shard { index: 0, count: 1 });
+    let shard = opts
+        .shard
+        .unwrap_or(crate::pipeline::Shard { index: 0, count: 1 });
     let range = shard.range(files.len());
     let (k, n) = (shard.index + 1, shard.count);
     // Earlier files with the same name, over the whole listing: what ids a run gives hits.
@@ -84,7 +88,14 @@ pub fn build_part(
         .collect();
     drop(seen);
 
-    let session = Session::open(p, host, &RunOptions { output: None, ..opts.clone() })?;
+    let session = Session::open(
+        p,
+        host,
+        &RunOptions {
+            output: None,
+            ..opts.clone()
+        },
+    )?;
     let model = ModelFingerprint::of(
         p.pipeline.backbone.weights.as_deref(),
         &session.backbone.describe(),
@@ -109,7 +120,8 @@ pub fn build_part(
         );
         // Room for the header; it is written again with the real shape at the end.
         let placeholder = fam_core::output::npy_f32_header(&[usize::MAX / 4, 1 << 20]);
-        emb.write_all(&placeholder).map_err(|e| FamError::io(&emb_tmp, e))?;
+        emb.write_all(&placeholder)
+            .map_err(|e| FamError::io(&emb_tmp, e))?;
         let mut counts = Counts::default();
         let mut failures = Vec::new();
         let mut partial = Vec::new();
@@ -167,7 +179,8 @@ pub fn build_part(
                     _ => {}
                 }
                 let bytes: Vec<u8> = e.iter().flat_map(|v| v.to_le_bytes()).collect();
-                emb.write_all(&bytes).map_err(|e| FamError::io(&emb_tmp, e))?;
+                emb.write_all(&bytes)
+                    .map_err(|e| FamError::io(&emb_tmp, e))?;
                 let item = Item {
                     file: i,
                     path: path.clone(),
@@ -178,7 +191,9 @@ pub fn build_part(
                 let mut line = serde_json::to_vec(&item)
                     .map_err(|e| FamError::invalid(format!("index item: {e}")))?;
                 line.push(b'\n');
-                items.write_all(&line).map_err(|e| FamError::io(&items_tmp, e))?;
+                items
+                    .write_all(&line)
+                    .map_err(|e| FamError::io(&items_tmp, e))?;
                 rows += 1;
             }
             progress.advance(step.len() as u64);
@@ -187,7 +202,9 @@ pub fn build_part(
         progress.finish_stage();
         let dims = dims.unwrap_or(0);
         let header = fam_core::output::npy_f32_header(&[rows, dims]);
-        let mut emb = emb.into_inner().map_err(|e| FamError::io(&emb_tmp, e.into_error()))?;
+        let mut emb = emb
+            .into_inner()
+            .map_err(|e| FamError::io(&emb_tmp, e.into_error()))?;
         if header.len() != placeholder.len() {
             return Err(FamError::invalid("npy header size changed; this is a bug"));
         }
@@ -207,8 +224,8 @@ pub fn build_part(
         }
         timings.total = ms(start);
         let header = PartHeader {
-            format: super::FORMAT.into(),
-            version: super::VERSION,
+            format: FORMAT.into(),
+            version: VERSION,
             fam_version: env!("CARGO_PKG_VERSION").into(),
             model,
             listing,

@@ -76,15 +76,21 @@ impl TaskContext<'_> {
         reference_mapped: impl Fn(&Comparison) -> bool,
     ) -> Result<()> {
         let (h, w) = self.session.spec.input_size();
-        let mut computed = compute_maps(
-            self.session.backbone.as_ref(),
-            self.p.pipeline.explain.weighting,
-            use_head,
-            maps,
-            jobs,
-            (h as usize, w as usize),
-        )?
-        .into_iter();
+        // In chunks, so that the batched pass's intermediate tensors stay bounded however
+        // many comparisons the task has.
+        const CHUNK: usize = 256;
+        let mut all = Vec::with_capacity(jobs.len());
+        for part in jobs.chunks(CHUNK) {
+            all.extend(compute_maps(
+                self.session.backbone.as_ref(),
+                self.p.pipeline.explain.weighting,
+                use_head,
+                maps,
+                part,
+                (h as usize, w as usize),
+            )?);
+        }
+        let mut computed = all.into_iter();
         for c in comparisons.iter_mut() {
             c.query.map = computed.next();
             if reference_mapped(c) {

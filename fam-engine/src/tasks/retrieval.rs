@@ -198,7 +198,8 @@ fn run_retrieval(
             let mut info = Vec::new();
             let mut values = Vec::new();
             let mut dims = 0;
-            for item in &items {
+            let size = items.len();
+            for item in items {
                 let c = seen.entry(safe_stem(&item.path)).or_insert(0);
                 *c += 1;
                 if let Ok(e) = &item.embedding {
@@ -214,8 +215,8 @@ fn run_retrieval(
                     }
                     values.extend_from_slice(e);
                     info.push(RowInfo {
-                        path: item.path.clone(),
-                        sha256: item.key.clone(),
+                        path: item.path,
+                        sha256: item.key,
                         same_name_before: *c - 1,
                     });
                 }
@@ -223,7 +224,7 @@ fn run_retrieval(
             Gallery::Memory {
                 rows: MemoryRows { dims, values },
                 info,
-                size: items.len(),
+                size,
             }
         }
         (None, None) => {
@@ -301,7 +302,9 @@ fn run_retrieval(
         match f {
             Found::Hits(h) => rankings.push((
                 i,
-                h.into_iter().map(|h| (h.row, h.score, h.distance)).collect(),
+                h.into_iter()
+                    .map(|h| (h.row, h.score, h.distance))
+                    .collect(),
             )),
             Found::Failed(error) => ctx.failures.push(Failure {
                 item: format!("query {}", queries[i].display()),
@@ -310,7 +313,15 @@ fn run_retrieval(
         }
     }
     ctx.timings.search += ms(t);
-    tracing::info!(queries = embs.len(), rows = stats.rows_scanned, passes = stats.passes, inner_products = stats.inner_products, ms = ms(t), "search");
+    tracing::info!(
+        queries = embs.len(),
+        rows = stats.rows_scanned,
+        passes = stats.passes,
+        inner_products = stats.inner_products,
+        ms = ms(t),
+        peak_rss_mib = crate::report::peak_rss_mib().unwrap_or(f64::NAN),
+        "search"
+    );
 
     // Feature maps for the hits only: from the cache, or one batched forward pass.
     let mut hit_rows: Vec<u64> = rankings

@@ -108,7 +108,12 @@ impl Similarity for Cosine {
     }
     /// Key `e·r / ‖r‖`: the score times `‖e‖`, which is the same for every reference of a
     /// query. A zero-norm reference gets a non-finite key (never a hit).
-    fn keys_from_inner_products(&self, dots: &mut [f32], e_sq: &[f32], r_sq: &[f32]) -> Result<bool> {
+    fn keys_from_inner_products(
+        &self,
+        dots: &mut [f32],
+        e_sq: &[f32],
+        r_sq: &[f32],
+    ) -> Result<bool> {
         let inv: Vec<f32> = r_sq.iter().map(|s| 1.0 / s.sqrt()).collect();
         for row in dots.chunks_exact_mut(r_sq.len().max(1)).take(e_sq.len()) {
             for (d, i) in row.iter_mut().zip(&inv) {
@@ -157,7 +162,12 @@ impl Similarity for Euclidean {
     }
     /// Key `2 e·r − ‖r‖² = ‖e‖² − ‖e − r‖²`: minus the squared distance, up to `‖e‖²`,
     /// which is the same for every reference of a query.
-    fn keys_from_inner_products(&self, dots: &mut [f32], e_sq: &[f32], r_sq: &[f32]) -> Result<bool> {
+    fn keys_from_inner_products(
+        &self,
+        dots: &mut [f32],
+        e_sq: &[f32],
+        r_sq: &[f32],
+    ) -> Result<bool> {
         for row in dots.chunks_exact_mut(r_sq.len().max(1)).take(e_sq.len()) {
             for (d, r) in row.iter_mut().zip(r_sq) {
                 *d = 2.0 * *d - r;

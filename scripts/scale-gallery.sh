@@ -13,25 +13,7 @@ work=${SCALE_DIR:-$(mktemp -d)}
 for n in "${sizes[@]}"; do
     dir="$work/gallery-$n"
     if [[ ! -d $dir ]]; then
-        python3 - "$dir" "$n" <<'PY'
-import os, random, sys
-from PIL import Image
-out, n = sys.argv[1], int(sys.argv[2])
-os.makedirs(out, exist_ok=True)
-src = sorted(f for f in os.listdir("data/images") if f.lower().endswith((".png", ".jpg")))
-imgs = [Image.open(os.path.join("data/images", f)).convert("RGB") for f in src]
-rng = random.Random(n)
-for i in range(n):
-    im = imgs[i % len(imgs)]
-    w, h = im.size
-    s = rng.uniform(0.5, 1.0)
-    cw, ch = int(w * s), int(h * s)
-    x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
-    v = im.crop((x, y, x + cw, y + ch)).resize((rng.randint(160, 320), rng.randint(160, 320)))
-    if rng.random() < 0.5:
-        v = v.transpose(Image.FLIP_LEFT_RIGHT)
-    v.save(os.path.join(out, f"g{i:05d}.jpg"), quality=85)
-PY
+        python3 scripts/make-derived-gallery.py "$dir" "$n"
     fi
     cat > "$work/scale-$n.toml" <<TOML
 [run]

@@ -2,7 +2,6 @@
 //! run with parallel processes standing in for Slurm and Kubernetes, each checked against a
 //! plain run file for file; `index --check`; refusing another model's index.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
@@ -34,28 +33,6 @@ fn write_pipelines(dir: &Path, layer: &str) -> (PathBuf, PathBuf) {
     )
     .unwrap();
     (plain, indexed)
-}
-
-/// Every file under `dir` (relative path → bytes), without manifests.
-fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                if p.file_name().unwrap() != "cache" {
-                    stack.push(p);
-                }
-            } else {
-                let rel = p.strip_prefix(dir).unwrap().display().to_string();
-                if rel != "manifest.json" {
-                    out.insert(rel, std::fs::read(&p).unwrap());
-                }
-            }
-        }
-    }
-    out
 }
 
 /// The fenced blocks of a markdown file with this info string.
@@ -260,23 +237,7 @@ fn recipe_equals_plain_run(name: &str, phases: Vec<Phase>) {
     }
 
     run_phase(&dir, &phases[2]);
-    let (a, b) = (files(&dir.join("single")), files(&dir.join("out/merged")));
-    assert_eq!(
-        a.keys().collect::<Vec<_>>(),
-        b.keys().collect::<Vec<_>>(),
-        "same files"
-    );
-    for (k, v) in &a {
-        assert!(
-            v == &b[k],
-            "{k} differs between the plain run and the merged shards"
-        );
-    }
-    let (ms, mm) = (
-        json(&dir.join("single/manifest.json")),
-        json(&dir.join("out/merged/manifest.json")),
-    );
-    assert_eq!(ms["items"], mm["items"]);
+    assert_same_outputs(&dir.join("single"), &dir.join("out/merged"));
 }
 
 fn doc() -> String {

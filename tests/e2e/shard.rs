@@ -1,31 +1,6 @@
 //! `run --shard K/N` then `merge`: the merged output equals a single run's, file for file.
 
-use std::collections::BTreeMap;
-use std::path::Path;
-
 use crate::util::*;
-
-/// Every file under `dir` (relative path → bytes), without the manifest.
-fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                if p.file_name().unwrap() != "cache" {
-                    stack.push(p);
-                }
-            } else {
-                let rel = p.strip_prefix(dir).unwrap().display().to_string();
-                if rel != "manifest.json" {
-                    out.insert(rel, std::fs::read(&p).unwrap());
-                }
-            }
-        }
-    }
-    out
-}
 
 fn sharded_equals_single(pipeline: &str, n: usize, name: &str) {
     let base = scratch(name);
@@ -61,23 +36,11 @@ fn sharded_equals_single(pipeline: &str, n: usize, name: &str) {
         .args(&shards)
         .current_dir(root()));
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let (a, b) = (files(&single), files(&merged));
-    assert_eq!(
-        a.keys().collect::<Vec<_>>(),
-        b.keys().collect::<Vec<_>>(),
-        "same files"
-    );
-    for (k, v) in &a {
-        assert!(
-            v == &b[k],
-            "{k} differs between the single run and the merged shards"
-        );
-    }
+    assert_same_outputs(&single, &merged);
     let (ms, mm) = (
         json(&single.join("manifest.json")),
         json(&merged.join("manifest.json")),
     );
-    assert_eq!(ms["items"], mm["items"]);
     let paths = |m: &serde_json::Value| {
         let mut v: Vec<String> = m["files"]
             .as_array()

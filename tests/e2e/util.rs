@@ -151,3 +151,50 @@ pub fn json(path: &Path) -> serde_json::Value {
     )
     .unwrap()
 }
+
+/// Every file under `dir` (relative path → bytes), without `manifest.json` and the `cache`
+/// folder: what a single run and merged shards must have the same of.
+pub fn output_files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                if p.file_name().unwrap() != "cache" {
+                    stack.push(p);
+                }
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().display().to_string();
+                if rel != "manifest.json" {
+                    out.insert(rel, std::fs::read(&p).unwrap());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `single` and `merged` hold the same files with the same bytes (manifests aside), and their
+/// manifests count the same items.
+pub fn assert_same_outputs(single: &Path, merged: &Path) {
+    let (a, b) = (output_files(single), output_files(merged));
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "same files"
+    );
+    for (k, v) in &a {
+        assert!(
+            v == &b[k],
+            "{k} differs between {} and {}",
+            single.display(),
+            merged.display()
+        );
+    }
+    let (ms, mm) = (
+        json(&single.join("manifest.json")),
+        json(&merged.join("manifest.json")),
+    );
+    assert_eq!(ms["items"], mm["items"]);
+}

@@ -296,15 +296,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     report.timings_ms.fam,
                     report.timings_ms.render,
                 );
-                for f in &report.failures {
-                    eprintln!("failed: {}: {}", f.item, f.error);
-                }
+                print_failures(&report.failures);
             }
-            Ok(if report.failures.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            Ok(items_exit_code(&report.failures))
         }
         Command::Validate { pipeline, device } => {
             let (p, mut host) = open_pipeline(&pipeline, &cli.plugin_dirs)?;
@@ -510,15 +504,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     r.timings_ms.total,
                     r.timings_ms.forward
                 );
-                for f in &r.failures {
-                    eprintln!("failed: {}: {}", f.item, f.error);
-                }
+                print_failures(&r.failures);
             }
-            Ok(if r.failures.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            Ok(items_exit_code(&r.failures))
         }
         Command::Merge { shards, output } => {
             let mut host = PluginHost::new(&cli.plugin_dirs);
@@ -623,6 +611,22 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Prints each failed item, one line each.
+fn print_failures(failures: &[fam_engine::run::Failure]) {
+    for f in failures {
+        eprintln!("failed: {}: {}", f.item, f.error);
+    }
+}
+
+/// Exit code 0 when every item succeeded, 1 when some failed (listed in the manifest).
+fn items_exit_code(failures: &[fam_engine::run::Failure]) -> ExitCode {
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 

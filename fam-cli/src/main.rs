@@ -162,6 +162,17 @@ enum Command {
         /// Leave out the occlusion baseline (one forward pass per patch and item).
         #[arg(long)]
         skip_occlusion: bool,
+        /// What deletion and insertion replace a pixel with: `blur` (a blurred copy) or
+        /// `mean` (the image's mean colour).
+        #[arg(long, default_value = "blur", value_parser = fam_engine::eval::Removal::parse)]
+        removal: fam_engine::eval::Removal,
+        /// The rescaled areas are left out (and counted) for items where removing every
+        /// pixel lowers the score by no more than this share of it.
+        #[arg(long, default_value_t = 0.05)]
+        min_range: f32,
+        /// Bootstrap resamples behind each 95% interval.
+        #[arg(long, default_value_t = 2000)]
+        resamples: usize,
         /// Print the report as JSON on stdout instead of the table.
         #[arg(long)]
         json: bool,
@@ -575,6 +586,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             metric,
             contrast,
             skip_occlusion,
+            removal,
+            min_range,
+            resamples,
             json,
         } => {
             let (p, mut host) = open_pipeline(&pipeline, &cli.plugin_dirs)?;
@@ -590,6 +604,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 metric,
                 contrast,
                 skip_occlusion,
+                removal,
+                min_range,
+                resamples: resamples.max(1),
             };
             let report = fam_engine::eval::run_eval(&p, &mut host, &opts, &Bars::new(cli.quiet))?;
             if json {

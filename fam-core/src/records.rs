@@ -233,22 +233,45 @@ pub struct Explanation {
     pub comparisons: Vec<Comparison>,
 }
 
-/// The mean faithfulness of one method.
+/// A mean over items with its 95% bootstrap interval.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Estimate {
+    pub mean: f32,
+    /// The 2.5th and 97.5th percentiles of the mean over bootstrap resamples of the items.
+    pub lo: f32,
+    pub hi: f32,
+    /// Items the mean is taken over.
+    pub n: usize,
+    /// Items for which the value is undefined, left out of the mean and counted here.
+    pub undefined: usize,
+}
+
+impl Estimate {
+    /// `a` is better than `b` beyond doubt when their intervals do not overlap.
+    pub fn separated(&self, other: &Estimate) -> bool {
+        self.n > 0 && other.n > 0 && (self.lo > other.hi || other.lo > self.hi)
+    }
+}
+
+/// The faithfulness of one method: each metric's mean over the items, with its interval.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MethodSummary {
     pub method: String,
     pub items: usize,
     /// Items with a non-positive score, left out of Average Drop and the `s_k / s` curves.
     pub skipped: usize,
-    pub average_drop: f32,
-    pub increase_in_confidence: f32,
-    pub deletion_auc: f32,
-    pub insertion_auc: f32,
-    /// With each curve rescaled between the blurred (0) and unmodified (1) image.
-    pub deletion_auc_range: f32,
-    pub insertion_auc_range: f32,
+    pub average_drop: Estimate,
+    pub increase_in_confidence: Estimate,
+    pub deletion_auc: Estimate,
+    pub insertion_auc: Estimate,
+    /// With each curve rescaled between the removed (0) and unmodified (1) image; undefined
+    /// where removing every pixel takes less than the eval's `min_range` of the score.
+    pub deletion_auc_range: Estimate,
+    pub insertion_auc_range: Estimate,
     pub mean_deletion: Vec<f32>,
     pub mean_insertion: Vec<f32>,
+    /// Forward passes per map beyond the task's own (occlusion's patches, for example).
+    pub passes_per_map: usize,
 }
 
 /// What `fam-cli eval` measured.
@@ -260,6 +283,10 @@ pub struct EvalReport {
     /// What the scores are: `similarity`, or `margin over the other classes`.
     pub target: String,
     pub steps: usize,
+    /// What a removed pixel becomes in deletion and insertion: `blur` or `mean`.
+    pub removal: String,
+    /// Bootstrap resamples behind each interval.
+    pub resamples: usize,
     pub summaries: Vec<MethodSummary>,
     /// Per item and method.
     pub items: Vec<serde_json::Value>,

@@ -23,6 +23,7 @@ use fam_core::candle::Tensor;
 
 use fam_core::error::{FamError, Result};
 use fam_core::explain::{Rgb8, Target};
+use fam_core::records::Estimate;
 use fam_core::traits::{Backbone, InputSpec, Similarity};
 
 /// Faithfulness of one map.
@@ -44,9 +45,9 @@ pub struct Faithfulness {
     /// Areas under those curves (`None` where `s ≤ 0`).
     pub deletion_auc: Option<f32>,
     pub insertion_auc: Option<f32>,
-    /// The areas with each curve rescaled to run between the blurred image (0) and the
-    /// unmodified one (1): `(s_k − s_blur) / (s − s_blur)`. `None` where blurring leaves the
-    /// score unchanged.
+    /// The areas with each curve rescaled to run between the removed image (0) and the
+    /// unmodified one (1): `(s_k − s_blur) / (s − s_blur)`. `None` where removing every
+    /// pixel does not lower the score by more than `min_range` (see [`faithfulness`]).
     pub deletion_auc_range: Option<f32>,
     pub insertion_auc_range: Option<f32>,
 }
@@ -90,6 +91,95 @@ pub fn blur(img: &Rgb8, r: usize) -> Rgb8 {
             .iter()
             .map(|x| x.round().clamp(0.0, 255.0) as u8)
             .collect(),
+    }
+}
+
+/// What a pixel becomes when deletion removes it (and what insertion starts from).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Removal {
+    /// A blurred copy of the image (box blur, radius side/28, two passes), as RISE does.
+    #[default]
+    Blur,
+    /// The image's mean colour, per channel.
+    Mean,
+}
+
+impl Removal {
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "blur" => Ok(Self::Blur),
+            "mean" => Ok(Self::Mean),
+            other => Err(format!("unknown removal `{other}` (blur or mean)")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Blur => "blur",
+            Self::Mean => "mean",
+        }
+    }
+
+    /// The image with every pixel removed.
+    pub fn apply(self, img: &Rgb8) -> Rgb8 {
+        match self {
+            Self::Blur => blur(img, (img.width as usize / 28).max(2)),
+            Self::Mean => {
+                let n = (img.data.len() / 3).max(1) as f64;
+                let mut sum = [0f64; 3];
+                for px in img.data.chunks(3) {
+                    for c in 0..3 {
+                        sum[c] += px[c] as f64;
+                    }
+                }
+                let mean: Vec<u8> = sum.iter().map(|s| (s / n).round() as u8).collect();
+                Rgb8 {
+                    width: img.width,
+                    height: img.height,
+                    data: mean.iter().copied().cycle().take(img.data.len()).collect(),
+                }
+            }
+        }
+    }
+}
+
+/// The mean of `values` with its 95% percentile-bootstrap interval over `resamples` resamples
+/// of the items (a fixed seed, so reruns agree); `undefined` items are counted, not averaged.
+pub fn estimate(values: &[f32], undefined: usize, resamples: usize, seed: u64) -> Estimate {
+    let n = values.len();
+    if n == 0 {
+        return Estimate {
+            mean: f32::NAN,
+            lo: f32::NAN,
+            hi: f32::NAN,
+            n,
+            undefined,
+        };
+    }
+    let mean = (values.iter().map(|&v| v as f64).sum::<f64>() / n as f64) as f32;
+    let mut state = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut means: Vec<f64> = (0..resamples.max(1))
+        .map(|_| {
+            (0..n)
+                .map(|_| values[(next() % n as u64) as usize] as f64)
+                .sum::<f64>()
+                / n as f64
+        })
+        .collect();
+    means.sort_by(f64::total_cmp);
+    let at = |q: f64| means[((q * means.len() as f64) as usize).min(means.len() - 1)] as f32;
+    Estimate {
+        mean,
+        lo: at(0.025),
+        hi: at(0.975),
+        n,
+        undefined,
     }
 }
 
@@ -158,13 +248,17 @@ impl Scorer<'_> {
     }
 }
 
-/// Measures a map's faithfulness. `map` is `H × W` in [0, 1] (row-major, the view's size).
+/// Measures a map's faithfulness. `map` is `H × W` in [0, 1] (row-major, the view's size);
+/// `blurred` is the image with every pixel removed ([`Removal`]). The rescaled areas are
+/// left undefined unless removing every pixel lowers the score by more than `min_range` of
+/// the larger of `|s|` and `|s_removed|`: below that they divide by noise.
 pub fn faithfulness(
     scorer: &Scorer,
     view: &Rgb8,
     blurred: &Rgb8,
     map: &[f32],
     steps: usize,
+    min_range: f32,
 ) -> Result<Faithfulness> {
     let (w, h) = (view.width as usize, view.height as usize);
     if map.len() != w * h {
@@ -207,7 +301,7 @@ pub fn faithfulness(
             .collect()
     };
     let range = score - blurred_score;
-    let has_range = range.abs() > 1e-6 * score.abs().max(blurred_score.abs()).max(1e-12);
+    let has_range = range > min_range.max(1e-6) * score.abs().max(blurred_score.abs()).max(1e-12);
     // AUCs are linear in the curve, so the rescaled areas follow from the raw ones.
     let (auc_del, auc_ins) = (auc(del_raw), auc(ins_raw));
     Ok(Faithfulness {
@@ -385,8 +479,8 @@ mod tests {
         };
         let left: Vec<f32> = (0..64).map(|i| if i % 8 < 4 { 1.0 } else { 0.0 }).collect();
         let right: Vec<f32> = left.iter().map(|v| 1.0 - v).collect();
-        let good = faithfulness(&scorer, &view, &blurred, &left, 8).unwrap();
-        let bad = faithfulness(&scorer, &view, &blurred, &right, 8).unwrap();
+        let good = faithfulness(&scorer, &view, &blurred, &left, 8, 0.05).unwrap();
+        let bad = faithfulness(&scorer, &view, &blurred, &right, 8, 0.05).unwrap();
         assert!(
             good.deletion_auc < bad.deletion_auc,
             "{:?} vs {:?}",
@@ -406,6 +500,52 @@ mod tests {
         // Occlusion finds the left half.
         let occ = occlusion_map(&scorer, &view, &blurred, 4).unwrap();
         assert!(occ[0] > occ[7] && occ[8 * 7] > occ[8 * 7 + 7], "{occ:?}");
+    }
+
+    #[test]
+    fn bootstrap_intervals_cover_the_mean_and_shrink_with_the_items() {
+        // Constant values: no spread at all.
+        let e = estimate(&[0.5; 40], 3, 500, 1);
+        assert_eq!(
+            (e.mean, e.lo, e.hi, e.n, e.undefined),
+            (0.5, 0.5, 0.5, 40, 3)
+        );
+        // A 0/1 variable with p = 0.3: the interval of the mean is about ±1.96·sqrt(pq/n).
+        let values =
+            |n: usize| -> Vec<f32> { (0..n).map(|i| if i % 10 < 3 { 1.0 } else { 0.0 }).collect() };
+        for n in [100, 1000] {
+            let e = estimate(&values(n), 0, 2000, 7);
+            let half = 1.96 * (0.3f32 * 0.7 / n as f32).sqrt();
+            assert!((e.mean - 0.3).abs() < 1e-6);
+            assert!(
+                (e.hi - e.lo - 2.0 * half).abs() < 0.25 * 2.0 * half,
+                "{n}: {e:?}"
+            );
+            assert!(e.lo < e.mean && e.mean < e.hi);
+        }
+        // Nothing defined: counted, no mean.
+        let e = estimate(&[], 5, 100, 1);
+        assert!(e.mean.is_nan() && e.n == 0 && e.undefined == 5);
+        // Separation needs disjoint intervals.
+        let (a, b) = (
+            estimate(&values(1000), 0, 1000, 1),
+            estimate(&[0.5; 10], 0, 100, 2),
+        );
+        assert!(a.separated(&b) && b.separated(&a));
+        assert!(!a.separated(&a));
+    }
+
+    #[test]
+    fn mean_removal_fills_the_image_with_its_mean_colour() {
+        let img = Rgb8 {
+            width: 2,
+            height: 1,
+            data: vec![0, 10, 255, 100, 30, 0],
+        };
+        let m = Removal::Mean.apply(&img);
+        assert_eq!(m.data, vec![50, 20, 128, 50, 20, 128]);
+        assert_eq!(Removal::parse("mean"), Ok(Removal::Mean));
+        assert!(Removal::parse("zero").unwrap_err().contains("blur or mean"));
     }
 
     #[test]
@@ -435,6 +575,13 @@ pub struct EvalOptions {
     pub contrast: Option<crate::pipeline::Contrast>,
     /// Leaves out the occlusion baseline (which costs a forward pass per patch).
     pub skip_occlusion: bool,
+    /// What deletion and insertion replace pixels with.
+    pub removal: Removal,
+    /// The rescaled areas need removing every pixel to lower the score by more than this
+    /// share of it ([`faithfulness`]).
+    pub min_range: f32,
+    /// Bootstrap resamples per interval.
+    pub resamples: usize,
 }
 
 impl Default for EvalOptions {
@@ -446,6 +593,9 @@ impl Default for EvalOptions {
             metric: None,
             contrast: None,
             skip_occlusion: false,
+            removal: Removal::Blur,
+            min_range: 0.05,
+            resamples: 2000,
         }
     }
 }
@@ -590,7 +740,7 @@ pub fn run_eval(
         let (q, target) = (s.image.unwrap(), s.target.clone().unwrap());
         let view = &base.images[q].view;
         let (w, h) = (view.width as usize, view.height as usize);
-        let blurred = blur(view, (w / 28).max(2));
+        let blurred = opts.removal.apply(view);
         let scorer = Scorer {
             backbone: session.backbone.as_ref(),
             similarity: session.similarity.as_ref(),
@@ -619,7 +769,7 @@ pub fn run_eval(
                     .map(|m| m.upsampled.normalized()),
             };
             let Some(map) = map else { continue };
-            let f = faithfulness(&scorer, view, &blurred, &map, opts.steps)?;
+            let f = faithfulness(&scorer, view, &blurred, &map, opts.steps, opts.min_range)?;
             row.insert(
                 method.to_string(),
                 serde_json::json!({"score": f.score, "drop": f.drop, "increase": f.increase, "deletion_auc": f.deletion_auc, "insertion_auc": f.insertion_auc, "deletion_auc_range": f.deletion_auc_range, "insertion_auc_range": f.insertion_auc_range}),
@@ -633,7 +783,14 @@ pub fn run_eval(
     let summaries = methods
         .iter()
         .zip(&per_method)
-        .map(|(m, fs)| summarize(m, fs, opts.steps))
+        .map(|(m, fs)| {
+            let passes = match m.as_str() {
+                // One pass for the unmodified image, one per patch.
+                "occlusion" => 1 + h_cells(&items, base),
+                _ => 0,
+            };
+            summarize(m, fs, opts.steps, opts.resamples, passes)
+        })
         .collect();
     let report = EvalReport {
         pipeline: p.path.display().to_string(),
@@ -641,6 +798,8 @@ pub fn run_eval(
         similarity: session.similarity.name(),
         target: target_name.into(),
         steps: opts.steps,
+        removal: opts.removal.name().into(),
+        resamples: opts.resamples,
         summaries,
         items: rows,
     };
@@ -657,14 +816,35 @@ pub fn run_eval(
     Ok(report)
 }
 
-/// Means over the items. Average Drop and the `s_k / s` curves use the items with a
-/// positive score (a share of the score means something only there; the others are counted
-/// in `skipped`); the rescaled areas use the items whose score blurring changes.
-fn summarize(method: &str, fs: &[Faithfulness], steps: usize) -> MethodSummary {
-    let n = fs.len().max(1) as f32;
+/// Occlusion's patches per map: a 7x7 grid of side/7 squares (more where side/7 rounds
+/// down), for the first item's view.
+fn h_cells(items: &[(usize, usize, usize)], base: &fam_core::explain::Explanation) -> usize {
+    items
+        .first()
+        .and_then(|&(_, ci, side)| {
+            let c = base.comparisons.get(ci)?;
+            let s = if side == 0 { &c.query } else { &c.reference };
+            let v = &base.images.get(s.image?)?.view;
+            let (w, h) = (v.width as usize, v.height as usize);
+            let p = (w / 7).max(1);
+            Some(w.div_ceil(p) * h.div_ceil(p))
+        })
+        .unwrap_or(49)
+}
+
+/// Means over the items with their bootstrap intervals. Average Drop and the `s_k / s`
+/// curves use the items with a positive score (a share of the score means something only
+/// there; the others are counted in `skipped` and as undefined); the rescaled areas use the
+/// items whose score removing every pixel lowers enough ([`faithfulness`]).
+fn summarize(
+    method: &str,
+    fs: &[Faithfulness],
+    steps: usize,
+    resamples: usize,
+    passes_per_map: usize,
+) -> MethodSummary {
     let pos: Vec<&Faithfulness> = fs.iter().filter(|f| f.score > 0.0).collect();
     let np = pos.len().max(1) as f32;
-    let mean = |v: Vec<f32>| v.iter().sum::<f32>() / v.len().max(1) as f32;
     let mean_curve = |get: &dyn Fn(&Faithfulness) -> &Vec<f32>| -> Vec<f32> {
         (0..=steps)
             .map(|k| {
@@ -675,52 +855,123 @@ fn summarize(method: &str, fs: &[Faithfulness], steps: usize) -> MethodSummary {
             })
             .collect()
     };
+    // Each metric gets its own seed, so that two metrics' intervals are not resampled alike.
+    let est = |seed: u64, get: &dyn Fn(&Faithfulness) -> Option<f32>| {
+        let v: Vec<f32> = fs.iter().filter_map(get).collect();
+        estimate(&v, fs.len() - v.len(), resamples, seed)
+    };
     MethodSummary {
         method: method.to_string(),
         items: fs.len(),
         skipped: fs.len() - pos.len(),
-        average_drop: 100.0 * mean(fs.iter().filter_map(|f| f.drop).collect()),
-        increase_in_confidence: 100.0 * fs.iter().filter(|f| f.increase).count() as f32 / n,
-        deletion_auc: mean(fs.iter().filter_map(|f| f.deletion_auc).collect()),
-        insertion_auc: mean(fs.iter().filter_map(|f| f.insertion_auc).collect()),
-        deletion_auc_range: mean(fs.iter().filter_map(|f| f.deletion_auc_range).collect()),
-        insertion_auc_range: mean(fs.iter().filter_map(|f| f.insertion_auc_range).collect()),
+        average_drop: est(1, &|f| f.drop.map(|d| 100.0 * d)),
+        increase_in_confidence: est(2, &|f| Some(if f.increase { 100.0 } else { 0.0 })),
+        deletion_auc: est(3, &|f| f.deletion_auc),
+        insertion_auc: est(4, &|f| f.insertion_auc),
+        deletion_auc_range: est(5, &|f| f.deletion_auc_range),
+        insertion_auc_range: est(6, &|f| f.insertion_auc_range),
         mean_deletion: mean_curve(&|f| &f.deletion),
         mean_insertion: mean_curve(&|f| &f.insertion),
+        passes_per_map,
     }
 }
 
-/// The summary as a text table.
+/// The metrics of a summary: name, whether lower is better, and the estimate.
+pub fn metrics(m: &MethodSummary) -> [(&'static str, bool, Estimate); 6] {
+    [
+        ("AvgDrop%", true, m.average_drop),
+        ("IC%", false, m.increase_in_confidence),
+        ("Del/s", true, m.deletion_auc),
+        ("Ins/s", false, m.insertion_auc),
+        ("Del(rng)", true, m.deletion_auc_range),
+        ("Ins(rng)", false, m.insertion_auc_range),
+    ]
+}
+
+/// FAM (the first method) against each other method, metric by metric: `win` or `loss`
+/// where the 95% intervals separate, `tie` where they overlap (lists, one line a method).
+pub fn verdicts(report: &EvalReport) -> Vec<String> {
+    let Some(first) = report.summaries.first() else {
+        return Vec::new();
+    };
+    report.summaries[1..]
+        .iter()
+        .map(|other| {
+            let parts: Vec<String> = metrics(first)
+                .iter()
+                .zip(metrics(other))
+                .filter(|((_, _, a), (_, _, b))| a.n > 0 && b.n > 0)
+                .map(|((name, lower, a), (_, _, b))| {
+                    let word = if !a.separated(&b) {
+                        "tie"
+                    } else if (a.mean < b.mean) == *lower {
+                        "win"
+                    } else {
+                        "loss"
+                    };
+                    format!("{name} {word}")
+                })
+                .collect();
+            format!("{} vs {}: {}", first.method, other.method, parts.join(", "))
+        })
+        .collect()
+}
+
+/// The summary as a text table: each metric's mean and 95% interval, then FAM's wins and
+/// losses (intervals that separate).
 pub fn table(report: &EvalReport) -> String {
     let mut s = format!(
-        "{} ({}, {}, {} steps)\n{:<21} {:>5} {:>5} {:>10} {:>7} {:>8} {:>9} {:>10} {:>10}\n",
+        "{} ({}, {}, {} steps, removal {}, 95% bootstrap intervals over {} resamples)\n{:<21} {:>5} {:>5}",
         report.backbone,
         report.similarity,
         report.target,
         report.steps,
+        report.removal,
+        report.resamples,
         "method",
         "items",
         "s<=0",
-        "AvgDrop%↓",
-        "IC%↑",
-        "Del/s↓",
-        "Ins/s↑",
-        "Del(rng)↓",
-        "Ins(rng)↑",
     );
+    let cell = |e: &Estimate, wide: bool| {
+        if e.n == 0 {
+            "—".to_string()
+        } else if wide {
+            format!("{:.1} [{:.1}, {:.1}]", e.mean, e.lo, e.hi)
+        } else {
+            format!("{:.3} [{:.3}, {:.3}]", e.mean, e.lo, e.hi)
+        }
+    };
+    if let Some(m) = report.summaries.first() {
+        for (name, lower, _) in metrics(m) {
+            let arrow = if lower { "↓" } else { "↑" };
+            s.push_str(&format!(" {:>22}", format!("{name}{arrow}")));
+        }
+        s.push_str(&format!(" {:>7}\n", "passes"));
+    }
     for m in &report.summaries {
-        s.push_str(&format!(
-            "{:<21} {:>5} {:>5} {:>10.1} {:>7.1} {:>8.3} {:>9.3} {:>10.3} {:>10.3}\n",
-            m.method,
-            m.items,
-            m.skipped,
-            m.average_drop,
-            m.increase_in_confidence,
-            m.deletion_auc,
-            m.insertion_auc,
-            m.deletion_auc_range,
-            m.insertion_auc_range,
-        ));
+        s.push_str(&format!("{:<21} {:>5} {:>5}", m.method, m.items, m.skipped));
+        for (i, (_, _, e)) in metrics(m).iter().enumerate() {
+            s.push_str(&format!(" {:>22}", cell(e, i < 2)));
+        }
+        s.push_str(&format!(" {:>7}\n", m.passes_per_map));
+    }
+    if let Some(m) = report.summaries.first() {
+        let undefined: Vec<String> = metrics(m)
+            .iter()
+            .filter(|(_, _, e)| e.undefined > 0)
+            .map(|(name, _, e)| format!("{name} {}", e.undefined))
+            .collect();
+        if !undefined.is_empty() {
+            s.push_str(&format!(
+                "undefined, left out (of {} items): {}\n",
+                m.items,
+                undefined.join(", ")
+            ));
+        }
+    }
+    for v in verdicts(report) {
+        s.push_str(&v);
+        s.push('\n');
     }
     s
 }

@@ -534,27 +534,42 @@ pub fn center_crop(img: &Rgb8, crop_w: u32, crop_h: u32) -> Rgb8 {
     }
 }
 
-/// Antialiased bilinear resize as PIL's `Image.resize(..., BILINEAR)`: a triangle filter whose
-/// support grows with the downscale factor, separable (horizontal then vertical), rounded
-/// to 8 bits after each pass.
+/// Antialiased bilinear resize, byte for byte as PIL's `Image.resize(..., BILINEAR)`
+/// (Pillow 13's `Resample.c`), which torchvision's `Resize` calls on PIL images: a triangle
+/// filter whose support grows with the downscale factor, separable, with the taps in PIL's
+/// 22-bit fixed point and each pass rounded to 8 bits as PIL rounds it.
+///
+/// The passes run in Pillow 13's order: horizontal first, unless the height shrinks by more
+/// than twice as many pixels as the width does. (Pillow 12 and older always ran the
+/// horizontal pass first; on such resizes their bytes differ by one here and there.)
 pub fn resize_bilinear_aa(img: &Rgb8, out_w: u32, out_h: u32) -> Rgb8 {
     if (img.width, img.height) == (out_w, out_h) {
         return img.clone();
     }
-    let horiz = resample_axis(
-        &img.data,
-        img.width as usize,
-        img.height as usize,
-        out_w as usize,
-        true,
-    );
-    let data = resample_axis(
-        &horiz,
-        out_w as usize,
-        img.height as usize,
-        out_h as usize,
-        false,
-    );
+    let (w, h) = (img.width as usize, img.height as usize);
+    let (ow, oh) = (out_w as usize, out_h as usize);
+    let (shrink_w, shrink_h) = (w as i64 - ow as i64, h as i64 - oh as i64);
+    let horizontal_first = !(shrink_h > 0 && shrink_h > shrink_w * 2);
+    // A pass whose size does not change is skipped, as PIL skips it.
+    let horizontal = |data: &[u8], rows: usize| {
+        if ow != w {
+            resample_axis(data, w, rows, ow, true)
+        } else {
+            data.to_vec()
+        }
+    };
+    let vertical = |data: &[u8], cols: usize| {
+        if oh != h {
+            resample_axis(data, cols, h, oh, false)
+        } else {
+            data.to_vec()
+        }
+    };
+    let data = if horizontal_first {
+        vertical(&horizontal(&img.data, h), ow)
+    } else {
+        horizontal(&vertical(&img.data, w), oh)
+    };
     Rgb8 {
         width: out_w,
         height: out_h,
@@ -562,19 +577,27 @@ pub fn resize_bilinear_aa(img: &Rgb8, out_w: u32, out_h: u32) -> Rgb8 {
     }
 }
 
-/// Filter taps for one axis: for each output index, the first input index and its weights.
-fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<f32>)> {
-    let scale = in_size as f64 / out_size as f64;
+/// Bits of the fixed-point taps: PIL's `PRECISION_BITS` (32 - 8 - 2).
+const PRECISION_BITS: u32 = 22;
+
+/// Filter taps for one axis, as PIL's `precompute_coeffs` and `normalize_coeffs_8bpc`
+/// compute them: for each output index, the first input index and its fixed-point weights.
+fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
+    // PIL's box is a pair of floats; `(in1 - in0) / outSize` in double.
+    let scale = (in_size as f32) as f64 / out_size as f64;
     let filter_scale = scale.max(1.0);
-    let support = filter_scale; // bilinear support 1.0, widened when downscaling
+    let support = filter_scale; // the bilinear filter's support is 1, widened to downscale
+    let ss = 1.0 / filter_scale;
+    let one = (1u32 << PRECISION_BITS) as f64;
     (0..out_size)
         .map(|i| {
             let center = (i as f64 + 0.5) * scale;
-            let xmin = ((center - support + 0.5).floor().max(0.0)) as usize;
-            let xmax = ((center + support + 0.5).floor() as usize).min(in_size);
-            let mut w: Vec<f64> = (xmin..xmax)
+            // C's `(int)` truncates toward zero; both bounds are clamped into the input.
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let w: Vec<f64> = (xmin..xmax.max(xmin))
                 .map(|x| {
-                    let t = ((x as f64 - center + 0.5) / filter_scale).abs();
+                    let t = ((x as f64 - center + 0.5) * ss).abs();
                     if t < 1.0 {
                         1.0 - t
                     } else {
@@ -583,32 +606,44 @@ fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<f32>)> {
                 })
                 .collect();
             let sum: f64 = w.iter().sum();
-            if sum > 0.0 {
-                w.iter_mut().for_each(|v| *v /= sum);
-            }
-            (xmin, w.into_iter().map(|v| v as f32).collect())
+            let fixed = w
+                .into_iter()
+                .map(|v| {
+                    let v = if sum != 0.0 { v / sum } else { v };
+                    // `(int)(±0.5 + v * (1 << PRECISION_BITS))`, truncating toward zero.
+                    (if v < 0.0 {
+                        -0.5 + v * one
+                    } else {
+                        0.5 + v * one
+                    }) as i32
+                })
+                .collect();
+            (xmin, fixed)
         })
         .collect()
 }
 
+/// One pass over one axis of an RGB image: PIL's `ImagingResampleHorizontal_8bpc` and
+/// `ImagingResampleVertical_8bpc` (accumulate from one half, shift, clip to 0..=255).
 fn resample_axis(src: &[u8], w: usize, h: usize, out: usize, horizontal: bool) -> Vec<u8> {
     let (in_size, other) = if horizontal { (w, h) } else { (h, w) };
     let coeffs = coefficients(in_size, out);
     let (ow, oh) = if horizontal { (out, h) } else { (w, out) };
     let mut dst = vec![0u8; ow * oh * 3];
+    let half = 1i64 << (PRECISION_BITS - 1);
     for o in 0..other {
         for (i, (start, weights)) in coeffs.iter().enumerate() {
-            let mut acc = [0f32; 3];
-            for (k, wt) in weights.iter().enumerate() {
+            let mut acc = [half; 3];
+            for (k, &wt) in weights.iter().enumerate() {
                 let s = start + k;
                 let idx = if horizontal { o * w + s } else { s * w + o } * 3;
-                acc[0] += wt * src[idx] as f32;
-                acc[1] += wt * src[idx + 1] as f32;
-                acc[2] += wt * src[idx + 2] as f32;
+                for c in 0..3 {
+                    acc[c] += src[idx + c] as i64 * wt as i64;
+                }
             }
             let didx = if horizontal { o * ow + i } else { i * ow + o } * 3;
             for c in 0..3 {
-                dst[didx + c] = acc[c].round().clamp(0.0, 255.0) as u8;
+                dst[didx + c] = (acc[c] >> PRECISION_BITS).clamp(0, 255) as u8;
             }
         }
     }
@@ -656,6 +691,72 @@ mod tests {
         let expect1 = (0.25 * 100.0 + 0.75 * 200.0 + 0.75 * 40.0) / 1.75;
         assert_eq!(out.data[0], (expect0 as f32).round() as u8);
         assert_eq!(out.data[3], (expect1 as f32).round() as u8);
+    }
+
+    /// The synthetic test image of `scripts/make-resize-fixtures.py`, byte for byte.
+    fn synthetic(w: u32, h: u32) -> Rgb8 {
+        let mut data = Vec::with_capacity((w * h * 3) as usize);
+        for y in 0..h as u64 {
+            for x in 0..w as u64 {
+                data.push(((x * 255 / (w as u64 - 1).max(1)) & 255) as u8);
+                data.push(if (x / 3 + y / 3) % 2 == 1 { 255 } else { 0 });
+                data.push(((x * 2654435761 + y * 40503) >> 7 & 255) as u8);
+            }
+        }
+        Rgb8 {
+            width: w,
+            height: h,
+            data,
+        }
+    }
+
+    #[test]
+    fn resize_is_byte_identical_to_pil() {
+        // Digests of Pillow's Image.resize(BILINEAR), and of torchvision's Resize +
+        // CenterCrop on the PNG photos, written by scripts/make-resize-fixtures.py.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(dir.join("tests/fixtures/pil-resize.json")).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let pair =
+            |v: &serde_json::Value| (v[0].as_u64().unwrap() as u32, v[1].as_u64().unwrap() as u32);
+        let mut wrong = Vec::new();
+        let cases = doc["synthetic"].as_array().unwrap();
+        assert!(cases.len() >= 400);
+        for case in cases {
+            let ((w, h), (ow, oh)) = (pair(&case["in"]), pair(&case["out"]));
+            let got = crate::cache::sha256_hex(&resize_bilinear_aa(&synthetic(w, h), ow, oh).data);
+            if got != case["sha256"].as_str().unwrap() {
+                wrong.push(format!("{w}x{h} -> {ow}x{oh}"));
+            }
+        }
+        let photos = doc["photos"].as_array().unwrap();
+        assert!(photos.len() >= 40);
+        for case in photos {
+            let name = case["image"].as_str().unwrap();
+            let img = load_rgb8(&dir.join("../data/images").join(name)).unwrap();
+            let view = if let Some(out) = case.get("out") {
+                let (ow, oh) = pair(out);
+                resize_bilinear_aa(&img, ow, oh)
+            } else {
+                let spec = InputSpec {
+                    resize: ResizePolicy::ResizeCrop {
+                        resize: case["resize"].as_u64().unwrap() as u32,
+                        crop: case["crop"].as_u64().unwrap() as u32,
+                    },
+                    mean: [0.0; 3],
+                    std: [1.0; 3],
+                };
+                prepare(&img, &spec).unwrap().view
+            };
+            if crate::cache::sha256_hex(&view.data) != case["sha256"].as_str().unwrap() {
+                wrong.push(format!("{name} {case}"));
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "{} cases differ from PIL: {wrong:?}",
+            wrong.len()
+        );
     }
 
     #[test]

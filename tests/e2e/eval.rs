@@ -41,8 +41,19 @@ fn eval_scores_fam_and_the_baselines() {
     let del = s["mean_deletion"].as_array().unwrap();
     assert_eq!(del.len(), 5);
     assert!((del[0].as_f64().unwrap() - 1.0).abs() < 1e-5);
-    let auc = s["insertion_auc"].as_f64().unwrap();
-    assert!(auc.is_finite() && auc > 0.0);
+    let auc = &s["insertion_auc"];
+    let (mean, lo, hi) = (
+        auc["mean"].as_f64().unwrap(),
+        auc["lo"].as_f64().unwrap(),
+        auc["hi"].as_f64().unwrap(),
+    );
+    assert!(mean.is_finite() && mean > 0.0);
+    assert!(lo <= mean && mean <= hi, "{auc}");
+    assert_eq!(
+        auc["n"].as_u64().unwrap() + auc["undefined"].as_u64().unwrap(),
+        2
+    );
+    assert_eq!(report["removal"], "blur");
 }
 
 /// ProtoNet compares queries with prototypes: eval re-scores the query against the margin of
@@ -77,7 +88,7 @@ fn eval_scores_few_shot_margins_against_prototypes() {
     };
     let (fam, plain, random) = (row("fam"), row("fam (contrast=none)"), row("random"));
     assert_eq!(fam["items"], 10);
-    let auc = |s: &serde_json::Value, k: &str| s[k].as_f64().unwrap();
+    let auc = |s: &serde_json::Value, k: &str| s[k]["mean"].as_f64().unwrap();
     // Margins can be small, so the areas rescaled between the blurred and the unmodified
     // image are the stable ones to compare.
     for other in [&plain, &random] {
@@ -90,4 +101,50 @@ fn eval_scores_few_shot_margins_against_prototypes() {
     }
     let png = std::fs::read(out.join("eval-curves.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG"));
+}
+
+/// The mean-colour removal and the intervals: every number of the table carries its 95%
+/// bootstrap interval, FAM's wins and losses are printed, and undefined values are counted.
+#[test]
+fn eval_reports_intervals_and_takes_the_mean_colour_removal() {
+    let out = scratch("eval-mean");
+    let r = run(fam()
+        .args([
+            "eval",
+            "pipelines/contrastive-digits.toml",
+            "--steps",
+            "4",
+            "--max-items",
+            "12",
+            "--skip-occlusion",
+            "--removal",
+            "mean",
+            "--resamples",
+            "500",
+            "--output",
+        ])
+        .arg(&out)
+        .current_dir(root()));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    println!("{}", r.stdout);
+    assert!(r.stdout.contains("removal mean"), "{}", r.stdout);
+    assert!(r.stdout.contains("fam vs gradient: "), "{}", r.stdout);
+    let report = json(&out.join("eval.json"));
+    assert_eq!(report["removal"], "mean");
+    assert_eq!(report["resamples"], 500);
+    for s in report["summaries"].as_array().unwrap() {
+        for k in ["average_drop", "deletion_auc_range", "insertion_auc_range"] {
+            let e = &s[k];
+            let n = e["n"].as_u64().unwrap();
+            assert_eq!(n + e["undefined"].as_u64().unwrap(), 12, "{k}: {e}");
+            if n > 1 {
+                let (lo, mean, hi) = (
+                    e["lo"].as_f64().unwrap(),
+                    e["mean"].as_f64().unwrap(),
+                    e["hi"].as_f64().unwrap(),
+                );
+                assert!(lo <= mean && mean <= hi, "{k}: {e}");
+            }
+        }
+    }
 }

@@ -65,29 +65,42 @@ fn protonet_classifies_novel_digits_with_class_specific_maps() {
     assert_eq!(out.join("panels").read_dir().unwrap().count(), 50);
 }
 
-#[test]
-fn simclr_knn_classifies_digits() {
-    let out = scratch("contrastive-digits");
-    run_pipeline("contrastive-digits.toml", &out);
+/// Runs a kNN pipeline on 30 labelled queries (files named `<class>_<index>.png`, class
+/// names may hold `_`) and counts the correct predictions.
+fn knn_correct(pipeline: &str) -> usize {
+    let out = scratch(pipeline.trim_end_matches(".toml"));
+    run_pipeline(pipeline, &out);
     let doc = json(&out.join("predictions.json"));
     let preds = doc["predictions"].as_array().unwrap();
     assert_eq!(preds.len(), 30);
-    // Query files are named <digit>_<index>.png.
-    let correct = preds
+    assert_eq!(out.join("panels").read_dir().unwrap().count(), 30);
+    preds
         .iter()
         .filter(|p| {
-            let name = std::path::Path::new(p["query"].as_str().unwrap())
-                .file_name()
+            let stem = std::path::Path::new(p["query"].as_str().unwrap())
+                .file_stem()
                 .unwrap()
                 .to_string_lossy()
                 .into_owned();
-            name.split('_').next() == p["predicted"].as_str()
+            stem.rsplit_once('_').map(|(c, _)| c) == p["predicted"].as_str()
         })
-        .count();
+        .count()
+}
+
+#[test]
+fn simclr_knn_classifies_digits() {
+    let correct = knn_correct("contrastive-digits.toml");
     // Measured: 23/30 with k = 5 over a bank of 20 digits per class (chance: 3/30).
     println!("SimCLR kNN: {correct}/30");
     assert!(correct >= 21, "{correct}/30 correct");
-    assert_eq!(out.join("panels").read_dir().unwrap().count(), 30);
+}
+
+#[test]
+fn simclr_knn_classifies_fashion_images() {
+    let correct = knn_correct("contrastive-fashion.toml");
+    // Measured: 19/30 with k = 5 over a bank of 20 images per class (chance: 3/30).
+    println!("SimCLR Fashion-MNIST kNN: {correct}/30");
+    assert!(correct >= 17, "{correct}/30 correct");
 }
 
 #[test]
@@ -129,4 +142,42 @@ fn a_support_class_without_images_is_a_validation_error() {
         "{}",
         r.stderr
     );
+}
+
+/// Fashion-MNIST: the ProtoNet trained on five classes (t-shirt, trouser, pullover, dress,
+/// coat) classifies an episode of the five novel ones, with a map per class.
+#[test]
+fn protonet_classifies_novel_fashion_classes() {
+    let out = scratch("fewshot-fashion");
+    run_pipeline("fewshot-fashion.toml", &out);
+    let ep = json(&out.join("episode.json"));
+    let acc = ep["accuracy"].as_f64().unwrap();
+    println!("ProtoNet Fashion-MNIST episode accuracy {acc}");
+    let classes: Vec<&str> = ep["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(classes, ["ankle_boot", "bag", "sandal", "shirt", "sneaker"]);
+    // Measured: 37/50 (chance 10/50).
+    assert!(
+        acc >= 0.7,
+        "5-way 5-shot accuracy on novel Fashion-MNIST classes {acc}"
+    );
+    let preds = ep["predictions"].as_array().unwrap();
+    assert_eq!(preds.len(), 50);
+    for p in preds {
+        let q = std::path::Path::new(p["query"].as_str().unwrap());
+        let stem = q.file_stem().unwrap().to_string_lossy().into_owned();
+        let maps: Vec<Vec<f32>> = classes
+            .iter()
+            .map(|c| read_npy(&out.join(format!("maps/{stem}_class-{c}_a_up.npy"))).1)
+            .collect();
+        assert!(maps.iter().all(|m| m.len() == 28 * 28));
+        assert!(
+            maps.windows(2).any(|w| w[0] != w[1]),
+            "{stem}: one map for all"
+        );
+    }
 }

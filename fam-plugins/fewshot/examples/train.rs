@@ -69,10 +69,27 @@ impl Rng {
     }
 }
 
-/// Digits per class, quantized to 8 bits as the PNGs fam reads them (values in [0, 1]).
+/// Images per class, quantized to 8 bits as the PNGs fam reads them (values in [0, 1]).
 struct Mnist {
+    /// `mnist` (digits) or `fashion` (Fashion-MNIST): names the weights and results files.
+    name: &'static str,
     train: Vec<Vec<Vec<f32>>>,
     test: Vec<Vec<Vec<f32>>>,
+}
+
+/// The data set named on the command line (`--data mnist|fashion`, default mnist).
+fn load_data(args: &[String]) -> R<Mnist> {
+    let data = args
+        .iter()
+        .position(|a| a == "--data")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+        .unwrap_or("mnist");
+    match data {
+        "mnist" => load_mnist(),
+        "fashion" => load_fashion(),
+        other => Err(format!("--data {other}: unknown (mnist or fashion)").into()),
+    }
 }
 
 fn load_mnist() -> R<Mnist> {
@@ -95,7 +112,85 @@ fn load_mnist() -> R<Mnist> {
         train.push(digits[..cut].to_vec());
         test.push(digits[cut..].to_vec());
     }
-    Ok(Mnist { train, test })
+    Ok(Mnist {
+        name: "mnist",
+        train,
+        test,
+    })
+}
+
+/// Where Debian's `dataset-fashion-mnist` puts the IDX files (`FAM_FASHION_MNIST` overrides).
+fn fashion_dir() -> PathBuf {
+    std::env::var_os("FAM_FASHION_MNIST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/share/datasets/fashion-mnist"))
+}
+
+/// One gzipped IDX file: its dimensions and bytes.
+fn read_idx(path: &Path) -> R<(Vec<usize>, Vec<u8>)> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| {
+        format!(
+            "{}: {e} (install Debian's dataset-fashion-mnist: scripts/fetch-models.sh does)",
+            path.display()
+        )
+    })?;
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(file).read_to_end(&mut bytes)?;
+    if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 || bytes[2] != 8 {
+        return Err(format!("{}: not an IDX file of bytes", path.display()).into());
+    }
+    let dims = bytes[3] as usize;
+    let shape: Vec<usize> = (0..dims)
+        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
+        .collect();
+    let data = bytes[4 + 4 * dims..].to_vec();
+    if data.len() != shape.iter().product::<usize>() {
+        return Err(format!(
+            "{}: {} bytes for shape {shape:?}",
+            path.display(),
+            data.len()
+        )
+        .into());
+    }
+    Ok((shape, data))
+}
+
+/// Fashion-MNIST's ten classes, in label order.
+const FASHION_CLASSES: [&str; 10] = [
+    "tshirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
+];
+
+/// Fashion-MNIST: the 60,000 training images are the training split, the 10,000 test images
+/// the test split, by class.
+fn load_fashion() -> R<Mnist> {
+    let dir = fashion_dir();
+    let split = |images: &str, labels: &str| -> R<Vec<Vec<Vec<f32>>>> {
+        let (shape, px) = read_idx(&dir.join(images))?;
+        let (_, y) = read_idx(&dir.join(labels))?;
+        if shape.len() != 3 || shape[1] != SIDE || shape[2] != SIDE || y.len() != shape[0] {
+            return Err(format!("{images}: shape {shape:?}, {} labels", y.len()).into());
+        }
+        let mut by_class = vec![Vec::new(); 10];
+        for (img, &label) in px.chunks_exact(PIX).zip(&y) {
+            by_class[label as usize].push(img.iter().map(|&v| v as f32 / 255.0).collect());
+        }
+        Ok(by_class)
+    };
+    Ok(Mnist {
+        name: "fashion",
+        train: split("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")?,
+        test: split("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")?,
+    })
 }
 
 fn batch(images: &[&[f32]], dev: &Device) -> R<Tensor> {
@@ -156,8 +251,7 @@ fn prototypes(emb: &Tensor, n_way: usize, shot: usize) -> R<Tensor> {
     Ok(emb.reshape((n_way, shot, emb.dim(1)?))?.mean(1)?)
 }
 
-fn protonet(dev: &Device) -> R<()> {
-    let data = load_mnist()?;
+fn protonet(dev: &Device, data: &Mnist) -> R<()> {
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, dev);
     let model = Conv4::new(vb, 64, 4, 28)?.with_flatten(true);
@@ -197,7 +291,10 @@ fn protonet(dev: &Device) -> R<()> {
             );
         }
     }
-    let out = root().join("models/fewshot/protonet_conv4_mnist.safetensors");
+    let out = root().join(format!(
+        "models/fewshot/protonet_conv4_{}.safetensors",
+        data.name
+    ));
     std::fs::create_dir_all(out.parent().unwrap())?;
     vm.save(&out)?;
     println!("saved {}", out.display());
@@ -230,7 +327,8 @@ fn protonet(dev: &Device) -> R<()> {
         }
         let (mean, ci) = mean_ci(&accs);
         println!(
-            "5-way {shot}-shot on novel digits 5-9, 600 episodes: {:.2}% ± {:.2}%",
+            "5-way {shot}-shot on novel classes 5-9 ({}), 600 episodes: {:.2}% ± {:.2}%",
+            data.name,
             100.0 * mean,
             100.0 * ci
         );
@@ -239,7 +337,7 @@ fn protonet(dev: &Device) -> R<()> {
             serde_json::json!({"accuracy": mean, "ci95": ci, "episodes": 600}),
         );
     }
-    write_results("protonet", results)
+    write_results("protonet", data.name, results)
 }
 
 fn mean_ci(v: &[f64]) -> (f64, f64) {
@@ -249,9 +347,19 @@ fn mean_ci(v: &[f64]) -> (f64, f64) {
     (mean, 1.96 * (var / n).sqrt())
 }
 
-fn write_results(name: &str, results: serde_json::Map<String, serde_json::Value>) -> R<()> {
+fn write_results(
+    name: &str,
+    data: &str,
+    results: serde_json::Map<String, serde_json::Value>,
+) -> R<()> {
+    // The MNIST results keep their original names.
+    let suffix = if data == "mnist" {
+        String::new()
+    } else {
+        format!("_{data}")
+    };
     let path = root().join(format!(
-        "models/{}/{name}_results.json",
+        "models/{}/{name}{suffix}_results.json",
         if name == "protonet" {
             "fewshot"
         } else {
@@ -302,8 +410,7 @@ fn embed_all(model: &Conv4, images: &[&[f32]], dev: &Device) -> R<Tensor> {
     Ok(e.broadcast_div(&e.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?)?)
 }
 
-fn simclr(dev: &Device) -> R<()> {
-    let data = load_mnist()?;
+fn simclr(dev: &Device, data: &Mnist) -> R<()> {
     let pool: Vec<&[f32]> = data
         .train
         .iter()
@@ -354,12 +461,32 @@ fn simclr(dev: &Device) -> R<()> {
             );
         }
     }
-    let out = root().join("models/contrastive/simclr_conv4_mnist.safetensors");
+    let out = root().join(format!(
+        "models/contrastive/simclr_conv4_{}.safetensors",
+        data.name
+    ));
     std::fs::create_dir_all(out.parent().unwrap())?;
     vm.save(&out)?;
     println!("saved {}", out.display());
 
-    // kNN (k = 20, similarity-weighted vote) from the training split onto the test split.
+    simclr_knn(&model, data, dev)
+}
+
+/// The trained SimCLR encoder of `data` (`simclr-eval`: without training it again).
+fn simclr_eval(dev: &Device, data: &Mnist) -> R<()> {
+    let path = root().join(format!(
+        "models/contrastive/simclr_conv4_{}.safetensors",
+        data.name
+    ));
+    let sd = fam_weights::load_state_dict(&path)?;
+    let model = Conv4::new(VarBuilder::from_tensors(sd, DType::F32, dev), 64, 4, 28)?;
+    simclr_knn(&model, data, dev)
+}
+
+/// kNN (k = 20, similarity-weighted vote) from the training split onto the test split, 500
+/// test images at a time (so that the similarities of 10,000 x 60,000 images never sit in
+/// memory at once); writes the results file.
+fn simclr_knn(model: &Conv4, data: &Mnist, dev: &Device) -> R<()> {
     let (bank, bank_y): (Vec<&[f32]>, Vec<usize>) = data
         .train
         .iter()
@@ -372,67 +499,103 @@ fn simclr(dev: &Device) -> R<()> {
         .enumerate()
         .flat_map(|(c, v)| v.iter().map(move |x| (x.as_slice(), c)))
         .unzip();
-    let eb = embed_all(&model, &bank, dev)?;
-    let et = embed_all(&model, &test, dev)?;
-    let sims = et.matmul(&eb.t()?)?.to_vec2::<f32>()?;
+    let eb = embed_all(model, &bank, dev)?.t()?.contiguous()?;
+    let et = embed_all(model, &test, dev)?;
     let k = 20;
     let mut correct = 0;
-    for (row, &y) in sims.iter().zip(&test_y) {
-        let mut idx: Vec<usize> = (0..row.len()).collect();
-        idx.select_nth_unstable_by(k, |a, b| row[*b].total_cmp(&row[*a]));
-        let mut votes = [0f32; 10];
-        for &i in &idx[..k] {
-            votes[bank_y[i]] += row[i];
+    let mut start = 0;
+    while start < test_y.len() {
+        let n = (test_y.len() - start).min(500);
+        let sims = et.narrow(0, start, n)?.matmul(&eb)?.to_vec2::<f32>()?;
+        for (row, &y) in sims.iter().zip(&test_y[start..start + n]) {
+            let mut idx: Vec<usize> = (0..row.len()).collect();
+            idx.select_nth_unstable_by(k, |a, b| row[*b].total_cmp(&row[*a]));
+            let mut votes = [0f32; 10];
+            for &i in &idx[..k] {
+                votes[bank_y[i]] += row[i];
+            }
+            let pred = (0..10)
+                .max_by(|a, b| votes[*a].total_cmp(&votes[*b]))
+                .unwrap();
+            correct += usize::from(pred == y);
         }
-        let pred = (0..10)
-            .max_by(|a, b| votes[*a].total_cmp(&votes[*b]))
-            .unwrap();
-        correct += usize::from(pred == y);
+        start += n;
     }
     let acc = correct as f64 / test_y.len() as f64;
+    // A binomial proportion's 95% interval (normal approximation).
+    let ci = 1.96 * (acc * (1.0 - acc) / test_y.len() as f64).sqrt();
     println!(
-        "SimCLR kNN (k = {k}) accuracy on the test split ({} digits): {:.2}%",
+        "SimCLR kNN (k = {k}) accuracy on the test split ({} images of {}, bank {}): {:.2}% ± {:.2}%",
         test_y.len(),
-        100.0 * acc
+        data.name,
+        bank_y.len(),
+        100.0 * acc,
+        100.0 * ci
     );
     let mut results = serde_json::Map::new();
-    results.insert("knn".into(), serde_json::json!({"k": k, "accuracy": acc, "test_digits": test_y.len(), "bank_digits": bank_y.len()}));
-    write_results("simclr", results)
+    results.insert("knn".into(), serde_json::json!({"k": k, "accuracy": acc, "ci95": ci, "test_digits": test_y.len(), "bank_digits": bank_y.len()}));
+    write_results("simclr", data.name, results)
 }
 
 /// Writes sample images (PNG) from the test split: a 5-way 5-shot episode on the novel
 /// digits 5-9 with 10 labelled queries per class, and a labelled reference bank of all ten
 /// digits (20 per class) with 3 queries per class.
 fn export() -> R<()> {
-    let data = load_mnist()?;
+    let names: Vec<String> = (0..10).map(|d| d.to_string()).collect();
+    write_samples(&load_mnist()?, &names, &root().join("data/digits"), 10)
+}
+
+/// Writes Fashion-MNIST test images as PNGs (folders named by class) for fam's pipelines:
+/// a 5-way 5-shot episode on the novel classes 5-9 with `--queries` labelled queries per
+/// class (default 10), and a labelled bank of all ten classes (20 per class) with 3 queries
+/// per class, under `--out` (default data/fashion).
+fn export_fashion(args: &[String]) -> R<()> {
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let queries: usize = flag("--queries")
+        .map(|q| q.parse())
+        .transpose()?
+        .unwrap_or(10);
+    let dir = flag("--out")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("data/fashion"));
+    let names: Vec<String> = FASHION_CLASSES.iter().map(|c| c.to_string()).collect();
+    write_samples(&load_fashion()?, &names, &dir, queries)
+}
+
+/// The sample folders of `export` and `export-fashion`, seeded random draws from the test
+/// split named `<class>_<index>.png`: `episode/{support,query}/<class>/` for the classes
+/// 5-9 (5 support and `queries` query images each), `bank/<class>/` (20 per class) and
+/// `queries/` (3 more per class) for all ten.
+fn write_samples(data: &Mnist, names: &[String], dir: &Path, queries: usize) -> R<()> {
     let save = |img: &[f32], path: PathBuf| -> R<()> {
         std::fs::create_dir_all(path.parent().unwrap())?;
         let px: Vec<u8> = img.iter().map(|v| (v * 255.0).round() as u8).collect();
         image_png(&px, &path)
     };
-    let dir = root().join("data/digits");
-    // A random (seeded) episode, not the first digits of each class: 5 support and 10 query
-    // digits per class.
     let mut rng = Rng(5);
-    for c in 5..10 {
-        let pick = rng.sample(data.test[c].len(), 15);
+    for (c, name) in names.iter().enumerate().skip(5) {
+        let pick = rng.sample(data.test[c].len(), 5 + queries);
         for (j, &i) in pick.iter().enumerate() {
             let part = if j < 5 { "support" } else { "query" };
             save(
                 &data.test[c][i],
-                dir.join(format!("episode/{part}/{c}/{c}_{i}.png")),
+                dir.join(format!("episode/{part}/{name}/{name}_{i}.png")),
             )?;
         }
     }
-    // A labelled bank of 20 random digits per class and 3 more per class as queries.
     let mut rng = Rng(10);
-    for c in 0..10 {
+    for (c, name) in names.iter().enumerate() {
         let pick = rng.sample(data.test[c].len(), 23);
         for (j, &i) in pick.iter().enumerate() {
             let path = if j < 20 {
-                dir.join(format!("bank/{c}/{c}_{i}.png"))
+                dir.join(format!("bank/{name}/{name}_{i}.png"))
             } else {
-                dir.join(format!("queries/{c}_{i}.png"))
+                dir.join(format!("queries/{name}_{i}.png"))
             };
             save(&data.test[c][i], path)?;
         }
@@ -456,12 +619,19 @@ fn image_png(px: &[u8], path: &Path) -> R<()> {
 
 fn main() -> R<()> {
     let dev = Device::Cpu;
-    match std::env::args().nth(1).as_deref() {
-        Some("protonet") => protonet(&dev),
-        Some("simclr") => simclr(&dev),
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("protonet") => protonet(&dev, &load_data(&args)?),
+        Some("simclr") => simclr(&dev, &load_data(&args)?),
+        Some("simclr-eval") => simclr_eval(&dev, &load_data(&args)?),
         Some("export") => export(),
+        Some("export-fashion") => export_fashion(&args),
         Some("check") => check(&dev),
-        _ => Err("usage: train protonet|simclr|export|check".into()),
+        _ => Err(
+            "usage: train protonet|simclr [--data mnist|fashion] | export | \
+                  export-fashion [--queries N] [--out DIR] | check"
+                .into(),
+        ),
     }
 }
 

@@ -135,8 +135,8 @@ pub fn plot(report: &EvalReport) -> Result<Vec<u8>> {
             &format!(
                 "{:<19} {:>9.3} {:>10.3}   ({} of {} items: s > 0)",
                 m.method,
-                m.deletion_auc,
-                m.insertion_auc,
+                m.deletion_auc.mean,
+                m.insertion_auc.mean,
                 m.items - m.skipped,
                 m.items
             ),

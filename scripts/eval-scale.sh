@@ -43,6 +43,15 @@ pipeline() { # SOURCE OUT [sed expressions...]
   sed -e "s#\"\\.\\./#\"$root/#g" "$@" "$src" >"$out"
 }
 
+# A retrieval pipeline searching a derived set (queries/ against gallery/), top 1.
+derived() { # SOURCE OUT SET-FOLDER
+  pipeline "$1" "$2" \
+    -e "s#^queries = .*#queries = \"$dir/$3/queries\"#" \
+    -e "s#^gallery = .*#gallery = \"$dir/$3/gallery\"#" \
+    -e "s#^top_k = .*#top_k = 1#" \
+    -e "s#^batch_size = .*#batch_size = 32#"
+}
+
 # Fashion-MNIST: a 5-way 5-shot episode of the novel classes with 200 queries per class.
 if [[ " $SETS " == *" fashion-"* ]] && [ ! -f "$dir/fashion/.done" ]; then
   rm -rf "$dir/fashion"
@@ -69,18 +78,10 @@ for set in $SETS; do
         -e "s#$root/data/fashion/queries#$dir/fashion/episode/query#"
       items=$ITEMS ;;
     natural-imagenet)
-      pipeline pipelines/retrieval-imagenet.toml "$p" \
-        -e "s#^queries = .*#queries = \"$dir/natural/queries\"#" \
-        -e "s#^gallery = .*#gallery = \"$dir/natural/gallery\"#" \
-        -e "s#^top_k = .*#top_k = 1#" \
-        -e "s#^batch_size = .*#batch_size = 32#"
+      derived pipelines/retrieval-imagenet.toml "$p" natural
       items=$((2 * NATURAL)) ;;
     natural-faces)
-      pipeline pipelines/retrieval-faces.toml "$p" \
-        -e "s#^queries = .*#queries = \"$dir/faces/queries\"#" \
-        -e "s#^gallery = .*#gallery = \"$dir/faces/gallery\"#" \
-        -e "s#^top_k = .*#top_k = 1#" \
-        -e "s#^batch_size = .*#batch_size = 32#"
+      derived pipelines/retrieval-faces.toml "$p" faces
       items=$((2 * NATURAL)) ;;
     *) echo "unknown set $set" >&2; exit 2 ;;
   esac

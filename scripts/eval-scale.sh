@@ -6,6 +6,8 @@
 #
 #   scripts/eval-scale.sh                 # every set below
 #   SETS="fashion-protonet" scripts/eval-scale.sh
+#   SETS=natural-imagenet REMOVALS=blur RISE_MASKS=250 TAG=lit \
+#     METHODS=decomposition,point-specific,sbsm,corrrise scripts/eval-scale.sh
 #
 # Sets (SETS, space separated):
 #   fashion-protonet   ProtoNet Conv-4, Fashion-MNIST novel classes, 5-way 5-shot, 200
@@ -27,14 +29,21 @@ NATURAL=${NATURAL:-150}
 STEPS=${STEPS:-16}
 SETS=${SETS:-fashion-protonet fashion-simclr natural-imagenet natural-faces}
 REMOVALS=${REMOVALS:-blur mean}
+RISE_MASKS=${RISE_MASKS:-500}   # masks per CorrRISE map
+METHODS=${METHODS:-}            # e.g. "decomposition,sbsm" (FAM always); empty: all
+TAG=${TAG:-}                    # appended to the result folders' names
 mkdir -p "$dir/results"
 dir=$(cd "$dir" && pwd)
 py=${PYTHON:-.cache/zoo-venv/bin/python}
 
-cargo build --release -q
-cargo build --release -q -p fam-plugin-fewshot --example train
-fam=$root/target/release/fam-cli
-train=$root/target/release/examples/train
+# FAM_CLI and TRAIN: binaries built elsewhere (the plugins beside fam-cli), so that a long
+# run does not pick up a rebuild of this tree.
+if [ -z "${FAM_CLI:-}" ]; then
+  cargo build --release -q
+  cargo build --release -q -p fam-plugin-fewshot --example train
+fi
+fam=${FAM_CLI:-$root/target/release/fam-cli}
+train=${TRAIN:-$root/target/release/examples/train}
 
 # A copy of a committed pipeline with its paths made absolute and some lines replaced.
 pipeline() { # SOURCE OUT [sed expressions...]
@@ -86,10 +95,11 @@ for set in $SETS; do
     *) echo "unknown set $set" >&2; exit 2 ;;
   esac
   for removal in $REMOVALS; do
-    out=$dir/results/$set-$removal
-    echo "== $set, removal $removal, at most $items items, $STEPS steps"
+    out=$dir/results/$set-$removal${TAG:+-$TAG}
+    echo "== $set, removal $removal, at most $items items, $STEPS steps, ${METHODS:-all methods}"
     start=$(date +%s)
     "$fam" -q eval "$p" --steps "$STEPS" --max-items "$items" --removal "$removal" \
+      --rise-masks "$RISE_MASKS" ${METHODS:+--methods "$METHODS"} \
       --output "$out" | tee "$out.txt"
     echo "($(( $(date +%s) - start )) s)" | tee -a "$out.txt"
   done

@@ -1,7 +1,8 @@
 """Prints the markdown tables of docs/evaluation.md from the eval.json files that
 scripts/eval-scale.sh wrote: per run, each method's mean and 95% bootstrap interval per
-metric, the undefined values counted, the extra forward passes per map, and FAM's wins and
-losses (a win only where the intervals separate). Standard library only.
+metric, the items it has a map for, the undefined values counted, the extra forward passes
+per map, and FAM's wins and losses (a win only where the intervals separate). Standard
+library only.
 
     python3 scripts/eval-tables.py [.cache/eval-scale/results]"""
 import json
@@ -49,11 +50,12 @@ for name in sorted(os.listdir(root)):
         "bootstrap resamples.\n"
     )
     shown = [m for m in METRICS if any(defined(x[m[0]]) for x in s)]
-    print("| method | " + " | ".join(m[1] for m in shown) + " | passes/map |")
-    print("|---|" + "---|" * (len(shown) + 1))
+    print("| method | items | " + " | ".join(m[1] for m in shown) + " | passes/map |")
+    print("|---|---|" + "---|" * (len(shown) + 1))
     for x in s:
         cells = [cell(x[k], d) for k, _, _, d in shown]
-        print(f"| {x['method']} | " + " | ".join(cells) + f" | {x['passes_per_map']} |")
+        items = x["items"] if x["items"] else "0 (no map)"
+        print(f"| {x['method']} | {items} | " + " | ".join(cells) + f" | {x['passes_per_map']} |")
     undefined = [
         f"{label.split()[0]} {s[0][k]['undefined']}"
         for k, label, _, _ in shown
@@ -75,5 +77,6 @@ for name in sorted(os.listdir(root)):
             else:
                 w = "loss"
             words.append(f"{label.split()[0]} {w}")
-        print(f"- {s[0]['method']} vs {other['method']}: " + ", ".join(words))
+        said = ", ".join(words) if words else "no map for any item"
+        print(f"- {s[0]['method']} vs {other['method']}: {said}")
     print()

@@ -173,6 +173,15 @@ enum Command {
         /// Bootstrap resamples behind each 95% interval.
         #[arg(long, default_value_t = 2000)]
         resamples: usize,
+        /// Evaluate only these methods (comma separated; FAM always), e.g.
+        /// `sbsm,corrrise`. Known: gradient, activation, decomposition, point-specific,
+        /// sbsm, corrrise, occlusion, centre, random, and for few_shot tasks
+        /// `fam (contrast=none)` or `fam (contrast=others)`.
+        #[arg(long, value_delimiter = ',')]
+        methods: Option<Vec<String>>,
+        /// Random masks per CorrRISE map (one forward pass each).
+        #[arg(long, default_value_t = 500)]
+        rise_masks: usize,
         /// Print the report as JSON on stdout instead of the table.
         #[arg(long)]
         json: bool,
@@ -589,6 +598,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             removal,
             min_range,
             resamples,
+            methods,
+            rise_masks,
             json,
         } => {
             let (p, mut host) = open_pipeline(&pipeline, &cli.plugin_dirs)?;
@@ -607,6 +618,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 removal,
                 min_range,
                 resamples: resamples.max(1),
+                methods,
+                rise_masks: rise_masks.max(2),
             };
             let report = fam_engine::eval::run_eval(&p, &mut host, &opts, &Bars::new(cli.quiet))?;
             if json {

@@ -5,6 +5,7 @@
 //! links this crate, and only this crate of fam's:
 //!
 //! - [`traits`]: the [`Backbone`], [`Similarity`] and [`Renderer`] extension points;
+//! - [`decompose`]: the similarity of two images split over pairs of feature-map locations;
 //! - [`explain`]: the FAM algorithm (channel contributions → weights → maps) and the
 //!   explanation records renderers receive; [`records`]: the other records they receive;
 //! - [`plugin`]: the declaration, the registrar and the panic guards;
@@ -17,6 +18,7 @@
 //! the run, tasks) is `fam-engine`; models, metrics and renderers live in plugins.
 
 pub mod abi;
+pub mod decompose;
 pub mod error;
 pub mod explain;
 pub mod host;
@@ -29,5 +31,7 @@ pub mod traits;
 pub use candle_core as candle;
 pub use error::{FamError, Problem, Result};
 pub use explain::{Explanation, Weighting};
-pub use traits::{Backbone, Features, InputSpec, LayerInfo, Renderer, ResizePolicy, Similarity};
+pub use traits::{
+    Backbone, Features, InnerProductForm, InputSpec, LayerInfo, Renderer, ResizePolicy, Similarity,
+};
 pub use {image, serde_json, toml, tracing};

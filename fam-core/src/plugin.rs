@@ -423,6 +423,15 @@ impl Similarity for GuardedSimilarity {
             self.inner.keys_from_inner_products(dots, e_sq, r_sq)
         })
     }
+    fn inner_product_form(
+        &self,
+        e: &[f32],
+        r: &[f32],
+    ) -> Result<Option<crate::traits::InnerProductForm>> {
+        guard(&self.plugin, "Similarity::inner_product_form", || {
+            self.inner.inner_product_form(e, r)
+        })
+    }
 }
 
 /// A plugin's renderer behind panic guards; its name and `runs_last` are asked for once,

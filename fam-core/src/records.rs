@@ -212,6 +212,40 @@ pub struct Comparison {
     pub group: Option<String>,
     /// Position in the group's ranking, from 1.
     pub rank: Option<usize>,
+    /// Which location of the query matches which location of the reference, where both
+    /// sides are images and the metric splits over pairs of locations.
+    pub correspondence: Option<Correspondence>,
+}
+
+/// The score of a comparison split exactly over pairs of feature-map locations
+/// ([`crate::decompose::pairs`]): `pairs[i * n_r + j]` is the share of query location `i`
+/// (row-major over `query_size`) with reference location `j`; all shares add up to the score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Correspondence {
+    /// `(height, width)` of the query's feature map.
+    pub query_size: (usize, usize),
+    /// `(height, width)` of the reference's feature map.
+    pub reference_size: (usize, usize),
+    pub pairs: Vec<f32>,
+}
+
+impl Correspondence {
+    /// The shares of query location `i` with every reference location (row `i`).
+    pub fn of_query(&self, i: usize) -> &[f32] {
+        let n = self.reference_size.0 * self.reference_size.1;
+        &self.pairs[i * n..(i + 1) * n]
+    }
+
+    /// The shares of every query location with reference location `j` (column `j`).
+    pub fn of_reference(&self, j: usize) -> Vec<f32> {
+        let n = self.reference_size.0 * self.reference_size.1;
+        self.pairs
+            .iter()
+            .skip(j)
+            .step_by(n.max(1))
+            .copied()
+            .collect()
+    }
 }
 
 /// Facts about the run that renderers print beside the maps.
@@ -290,6 +324,20 @@ pub struct EvalReport {
     pub summaries: Vec<MethodSummary>,
     /// Per item and method.
     pub items: Vec<serde_json::Value>,
+    /// The first few items with every method's map, for renderers to draw (not in
+    /// eval.json).
+    #[serde(skip)]
+    pub examples: Vec<EvalExample>,
+}
+
+/// One evaluated image with the map of each method (in [0, 1], at the image's size).
+#[derive(Debug, Clone)]
+pub struct EvalExample {
+    /// `image vs reference`.
+    pub label: String,
+    pub view: Rgb8,
+    /// `(method, map)` in table order; methods without a map for this item are absent.
+    pub maps: Vec<(String, Vec<f32>)>,
 }
 
 /// What the page shows, embedded in it as JSON (`<script id="fam-report-data">`).
@@ -372,6 +420,7 @@ impl ReportRow {
             distance: self.distance,
             group: self.group.clone(),
             rank: self.rank,
+            correspondence: None,
         }
     }
 

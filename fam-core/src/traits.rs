@@ -141,6 +141,35 @@ pub trait Similarity: Send + Sync {
     ) -> Result<bool> {
         Ok(false)
     }
+    /// The score at this pair as a function of the inner products,
+    /// `s(e, r) = cross·(e·r) + self_e·‖e‖² + self_r·‖r‖² + constant`, with the coefficients
+    /// evaluated at `(e, r)` (for cosine `cross = 1/(‖e‖‖r‖)`; for `‖r‖² − ‖e − r‖²`
+    /// `cross = 2, self_e = −1`). Where `e` and `r` are means of per-location vectors (pooled
+    /// feature maps), this splits the score exactly over pairs of locations, which is what
+    /// the spatial-decomposition maps and the point-to-point correspondence are computed
+    /// from (docs/evaluation.md). `None` (the default): the metric has no such form, and
+    /// those maps are reported as unavailable.
+    fn inner_product_form(&self, _e: &[f32], _r: &[f32]) -> Result<Option<InnerProductForm>> {
+        Ok(None)
+    }
+}
+
+/// The coefficients of [`Similarity::inner_product_form`].
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct InnerProductForm {
+    pub cross: f32,
+    pub self_e: f32,
+    pub self_r: f32,
+    pub constant: f32,
+}
+
+impl InnerProductForm {
+    /// The score this form gives for `e` and `r` (equals [`Similarity::score`] at the pair
+    /// the form was taken at).
+    pub fn score(&self, e: &[f32], r: &[f32]) -> f32 {
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        self.cross * dot(e, r) + self.self_e * dot(e, e) + self.self_r * dot(r, r) + self.constant
+    }
 }
 
 /// Turns explanations into files, written through an [`OutputSink`] so that each file is

@@ -19,12 +19,13 @@
 //!
 //! Every variant image of an item goes through the backbone in batches.
 
-use fam_core::candle::Tensor;
-
 use fam_core::error::{FamError, Result};
-use fam_core::explain::{Rgb8, Target};
+use fam_core::explain::Rgb8;
 use fam_core::records::Estimate;
-use fam_core::traits::{Backbone, InputSpec, Similarity};
+
+pub use crate::baselines::{centre_map, occlusion_map, random_map};
+use crate::scorer::chw;
+pub use crate::scorer::Scorer;
 
 /// Faithfulness of one map.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -183,18 +184,6 @@ pub fn estimate(values: &[f32], undefined: usize, resamples: usize, seed: u64) -
     }
 }
 
-/// Normalized CHW values of an image given as float RGB in [0, 255].
-fn chw(values: &[f32], w: usize, h: usize, spec: &InputSpec) -> Vec<f32> {
-    let n = w * h;
-    let mut out = vec![0f32; 3 * n];
-    for c in 0..3 {
-        for i in 0..n {
-            out[c * n + i] = (values[3 * i + c] / 255.0 - spec.mean[c]) / spec.std[c];
-        }
-    }
-    out
-}
-
 /// The area under a curve sampled at equal steps over [0, 1] (trapezoid rule).
 pub fn auc(curve: &[f32]) -> f32 {
     if curve.len() < 2 {
@@ -202,50 +191,6 @@ pub fn auc(curve: &[f32]) -> f32 {
     }
     let dx = 1.0 / (curve.len() - 1) as f32;
     curve.windows(2).map(|w| (w[0] + w[1]) / 2.0 * dx).sum()
-}
-
-/// Scores the variants of one image in batches: `f(e(variant))` for each.
-fn scores(
-    backbone: &dyn Backbone,
-    f: &dyn Fn(&[f32]) -> Result<f32>,
-    spec: &InputSpec,
-    (w, h): (usize, usize),
-    variants: &[Vec<f32>],
-    batch: usize,
-) -> Result<Vec<f32>> {
-    let device = backbone.device();
-    let mut out = Vec::with_capacity(variants.len());
-    for chunk in variants.chunks(batch.max(1)) {
-        let data: Vec<f32> = chunk.iter().flat_map(|v| chw(v, w, h, spec)).collect();
-        let t = Tensor::from_vec(data, (chunk.len(), 3, h, w), &device)?;
-        let e: Vec<Vec<f32>> = backbone
-            .forward(&t)?
-            .embeddings
-            .to_dtype(fam_core::candle::DType::F32)?
-            .flatten_from(1)?
-            .to_vec2()?;
-        for ei in &e {
-            out.push(f(ei)?);
-        }
-    }
-    Ok(out)
-}
-
-/// The model and the score being measured: `f(e(x))` for an image `x`.
-pub struct Scorer<'a> {
-    pub backbone: &'a dyn Backbone,
-    pub similarity: &'a dyn Similarity,
-    pub spec: &'a InputSpec,
-    pub target: &'a Target,
-    /// Images per forward pass.
-    pub batch: usize,
-}
-
-impl Scorer<'_> {
-    fn scores(&self, size: (usize, usize), variants: &[Vec<f32>]) -> Result<Vec<f32>> {
-        let f = |z: &[f32]| self.target.score(self.similarity, z);
-        scores(self.backbone, &f, self.spec, size, variants, self.batch)
-    }
 }
 
 /// Measures a map's faithfulness. `map` is `H × W` in [0, 1] (row-major, the view's size);
@@ -319,83 +264,16 @@ pub fn faithfulness(
     })
 }
 
-/// Occlusion baseline: slide a `patch`-pixel square (replaced by the blurred image) over a
-/// grid; the map is the score drop of each position, spread over its patch.
-pub fn occlusion_map(
-    scorer: &Scorer,
-    view: &Rgb8,
-    blurred: &Rgb8,
-    patch: usize,
-) -> Result<Vec<f32>> {
-    let (w, h) = (view.width as usize, view.height as usize);
-    let orig: Vec<f32> = view.data.iter().map(|&v| v as f32).collect();
-    let blur: Vec<f32> = blurred.data.iter().map(|&v| v as f32).collect();
-    let patch = patch.max(1);
-    let mut cells = Vec::new();
-    let mut variants = vec![orig.clone()];
-    for y0 in (0..h).step_by(patch) {
-        for x0 in (0..w).step_by(patch) {
-            let mut v = orig.clone();
-            for y in y0..(y0 + patch).min(h) {
-                for x in x0..(x0 + patch).min(w) {
-                    let p = y * w + x;
-                    v[3 * p..3 * p + 3].copy_from_slice(&blur[3 * p..3 * p + 3]);
-                }
-            }
-            cells.push((x0, y0));
-            variants.push(v);
-        }
-    }
-    let s = scorer.scores((w, h), &variants)?;
-    let mut map = vec![0f32; w * h];
-    for (i, &(x0, y0)) in cells.iter().enumerate() {
-        let drop = s[0] - s[i + 1];
-        for y in y0..(y0 + patch).min(h) {
-            for x in x0..(x0 + patch).min(w) {
-                map[y * w + x] = drop;
-            }
-        }
-    }
-    Ok(fam_core::explain::min_max(&map))
-}
-
-/// A centred Gaussian prior (sigma a quarter of the side), in [0, 1].
-pub fn centre_map(w: usize, h: usize) -> Vec<f32> {
-    let (cx, cy) = ((w as f32 - 1.0) / 2.0, (h as f32 - 1.0) / 2.0);
-    let (sx, sy) = (w as f32 / 4.0, h as f32 / 4.0);
-    (0..h)
-        .flat_map(|y| {
-            (0..w).map(move |x| {
-                (-((x as f32 - cx).powi(2) / (2.0 * sx * sx)
-                    + (y as f32 - cy).powi(2) / (2.0 * sy * sy)))
-                    .exp()
-            })
-        })
-        .collect()
-}
-
-/// A random map (fixed seed), smooth at the scale of a 7x7 grid like CNN maps.
-pub fn random_map(w: usize, h: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 40) as f32 / (1u64 << 24) as f32
-    };
-    let grid: Vec<f32> = (0..49).map(|_| next()).collect();
-    (0..h)
-        .flat_map(|y| (0..w).map(move |x| (y * 7 / h.max(1), x * 7 / w.max(1))))
-        .map(|(gy, gx)| grid[gy * 7 + gx])
-        .collect()
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use fam_core::candle::Tensor;
+    use fam_core::explain::Target;
+    use fam_core::traits::{Backbone, InputSpec, Similarity};
 
-    /// The dot product, whose contributions and gradient are obvious.
-    struct Dot;
+    /// The dot product, whose contributions, gradient and inner-product form are obvious
+    /// (shared with the baselines' tests).
+    pub(crate) struct Dot;
     impl Similarity for Dot {
         fn name(&self) -> String {
             "dot".into()
@@ -408,6 +286,16 @@ mod tests {
         }
         fn gradient(&self, _e: &[f32], r: &[f32]) -> Result<Vec<f32>> {
             Ok(r.to_vec())
+        }
+        fn inner_product_form(
+            &self,
+            _e: &[f32],
+            _r: &[f32],
+        ) -> Result<Option<fam_core::InnerProductForm>> {
+            Ok(Some(fam_core::InnerProductForm {
+                cross: 1.0,
+                ..Default::default()
+            }))
         }
     }
     use fam_core::candle::Device;
@@ -500,6 +388,30 @@ mod tests {
         // Occlusion finds the left half.
         let occ = occlusion_map(&scorer, &view, &blurred, 4).unwrap();
         assert!(occ[0] > occ[7] && occ[8 * 7] > occ[8 * 7 + 7], "{occ:?}");
+        // So does SBSM: every left pixel above every right one.
+        let (sbsm, passes) = crate::baselines::sbsm_map(&scorer, &view).unwrap();
+        let lo_left = (0..64)
+            .filter(|i| i % 8 < 4)
+            .map(|i| sbsm[i])
+            .fold(f32::MAX, f32::min);
+        let hi_right = (0..64)
+            .filter(|i| i % 8 >= 4)
+            .map(|i| sbsm[i])
+            .fold(0f32, f32::max);
+        assert!(lo_left > hi_right, "{sbsm:?}");
+        // CorrRISE's masks are smooth at a 7 x 7 grid, wider than a pixel here: its left
+        // half correlates with the score several times more than its right half.
+        let corr = crate::baselines::corrrise_map(&scorer, &view, 300, 1).unwrap();
+        let half = |left: bool| -> f32 {
+            (0..64)
+                .filter(|i| (i % 8 < 4) == left)
+                .map(|i| corr[i])
+                .sum::<f32>()
+                / 32.0
+        };
+        assert!(half(true) > 3.0 * half(false), "{corr:?}");
+        // 8 px: windows of 2 every 1 px, as xaitk's 50 every 20 at 224 px.
+        assert_eq!(passes, 1 + 8 * 8);
     }
 
     #[test]
@@ -582,6 +494,10 @@ pub struct EvalOptions {
     pub min_range: f32,
     /// Bootstrap resamples per interval.
     pub resamples: usize,
+    /// Only these methods (FAM is always first); `None`: all of [`methods`].
+    pub methods: Option<Vec<String>>,
+    /// Masks per CorrRISE map.
+    pub rise_masks: usize,
 }
 
 impl Default for EvalOptions {
@@ -596,15 +512,36 @@ impl Default for EvalOptions {
             removal: Removal::Blur,
             min_range: 0.05,
             resamples: 2000,
+            methods: None,
+            rise_masks: 500,
         }
     }
 }
 
 pub use fam_core::records::{EvalReport, MethodSummary};
 
+/// The baselines, in table order (FAM and, for `few_shot` tasks, FAM with the other
+/// `contrast` come first).
+pub const BASELINES: [&str; 9] = [
+    "gradient",
+    "activation",
+    "decomposition",
+    "point-specific",
+    "sbsm",
+    "corrrise",
+    "occlusion",
+    "centre",
+    "random",
+];
+
 /// The methods of a run, in table order. `few_shot` tasks add FAM with the other
-/// `contrast`, scored on the same target.
-pub fn methods(task: &crate::pipeline::TaskSection, skip_occlusion: bool) -> Vec<String> {
+/// `contrast`, scored on the same target. `only` keeps the named ones (FAM always);
+/// an unknown name is an error that lists the known ones.
+pub fn methods(
+    task: &crate::pipeline::TaskSection,
+    skip_occlusion: bool,
+    only: Option<&[String]>,
+) -> Result<Vec<String>> {
     use crate::pipeline::{Contrast, TaskSection};
     let mut m = vec!["fam".to_string()];
     if let TaskSection::FewShot { contrast, .. } = task {
@@ -613,12 +550,21 @@ pub fn methods(task: &crate::pipeline::TaskSection, skip_occlusion: bool) -> Vec
             Contrast::Others => "fam (contrast=none)".into(),
         });
     }
-    for b in ["gradient", "activation", "occlusion", "centre", "random"] {
+    for b in BASELINES {
         if !(skip_occlusion && b == "occlusion") {
             m.push(b.into());
         }
     }
-    m
+    if let Some(only) = only {
+        if let Some(bad) = only.iter().find(|o| !m.contains(o)) {
+            return Err(FamError::invalid(format!(
+                "--methods: unknown method `{bad}` (known: {})",
+                m.join(", ")
+            )));
+        }
+        m.retain(|x| x == "fam" || only.contains(x));
+    }
+    Ok(m)
 }
 
 /// Runs the pipeline's task once per weighting (and, for `few_shot`, once with the other
@@ -655,7 +601,11 @@ pub fn run_eval(
         .unwrap_or_else(|| p.pipeline.run.output.clone());
     let session = crate::run::Session::open(p, host, &opts.run)?;
     let mut out = crate::output::OutputDir::create(&output)?;
-    let methods = methods(&p.pipeline.task, opts.skip_occlusion);
+    let methods = methods(
+        &p.pipeline.task,
+        opts.skip_occlusion,
+        opts.methods.as_deref(),
+    )?;
     let flipped = match &p.pipeline.task {
         TaskSection::FewShot { contrast, .. } => Some(match contrast {
             Contrast::None => Contrast::Others,
@@ -670,8 +620,9 @@ pub fn run_eval(
         ("gradient", Weighting::Gradient, None),
         ("activation", Weighting::Activation, None),
     ];
-    if let Some(c) = flipped {
-        runs.push((methods[1].as_str(), Weighting::Contribution, Some(c)));
+    runs.retain(|(name, _, _)| methods.iter().any(|m| m == name));
+    if let (Some(c), Some(flip)) = (flipped, methods.iter().find(|m| m.starts_with("fam ("))) {
+        runs.push((flip.as_str(), Weighting::Contribution, Some(c)));
     }
     for (name, w, contrast) in runs {
         let mut pw = p.clone();
@@ -734,7 +685,21 @@ pub fn run_eval(
     };
     progress.stage("evaluate", (items.len() * methods.len()) as u64);
     let mut per_method: Vec<Vec<Faithfulness>> = vec![Vec::new(); methods.len()];
+    // Forward passes per map beyond the task's own (SBSM's depend on the view's size). The
+    // decompositions need only the feature maps the task computes anyway (eval computes
+    // them again, one pass per image, because the task does not keep them).
+    let mut passes: Vec<usize> = methods
+        .iter()
+        .map(|m| match m.as_str() {
+            "corrrise" => opts.rise_masks.max(2),
+            "occlusion" => 1 + h_cells(&items, base),
+            _ => 0,
+        })
+        .collect();
     let mut rows = Vec::new();
+    // The first items, with every method's map, for the renderers' figure.
+    const EXAMPLES: usize = 4;
+    let mut examples = Vec::new();
     for (n, &(_, ci, side)) in items.iter().enumerate() {
         let s = side_of(base, ci, side).expect("item from base");
         let (q, target) = (s.image.unwrap(), s.target.clone().unwrap());
@@ -757,8 +722,66 @@ pub fn run_eval(
             base.images[q].source.display().to_string().into(),
         );
         row.insert("reference".into(), other.label.clone().into());
+        // Feature maps of both images, for the decomposition baselines.
+        let wants = |m: &str| methods.iter().any(|x| x == m);
+        let features = |image: usize| -> Result<crate::baselines::ImageFeatures> {
+            let v = &base.images[image].view;
+            let (vw, vh) = (v.width as usize, v.height as usize);
+            let px: Vec<f32> = v.data.iter().map(|&x| x as f32).collect();
+            crate::baselines::ImageFeatures::of(
+                session.backbone.as_ref(),
+                chw(&px, vw, vh, &session.spec),
+                (vw, vh),
+            )
+        };
+        let (mut own, mut theirs) = (None, None);
+        if wants("decomposition") || wants("point-specific") {
+            let f = features(q)?;
+            let size = (f.height, f.width);
+            let e = crate::baselines::locations(session.backbone.as_ref(), &f, &target)?;
+            own = Some((e, size));
+            if let (true, Some(oi)) = (wants("point-specific"), other.image) {
+                let fo = features(oi)?;
+                theirs = Some(crate::baselines::locations(
+                    session.backbone.as_ref(),
+                    &fo,
+                    &target,
+                )?);
+            }
+        }
+        let mut example_maps = Vec::new();
         for (mi, method) in methods.iter().enumerate() {
             let map = match method.as_str() {
+                "decomposition" => match &own {
+                    Some((e, size)) => crate::baselines::decomposition_map(
+                        session.similarity.as_ref(),
+                        &target,
+                        e,
+                    )?
+                    .map(|m| crate::baselines::to_view(&m, *size, (w, h))),
+                    None => None,
+                },
+                "point-specific" => match (&own, &theirs) {
+                    (Some((e, size)), Some(r)) => crate::baselines::point_specific_map(
+                        session.similarity.as_ref(),
+                        &target,
+                        e,
+                        r,
+                    )?
+                    .map(|m| crate::baselines::to_view(&m, *size, (w, h))),
+                    _ => None,
+                },
+                "sbsm" => {
+                    let (m, n) = crate::baselines::sbsm_map(&scorer, view)?;
+                    passes[mi] = n;
+                    Some(m)
+                }
+                "corrrise" => Some(crate::baselines::corrrise_map(
+                    &scorer,
+                    view,
+                    opts.rise_masks,
+                    n as u64 + 1,
+                )?),
                 "occlusion" => Some(occlusion_map(&scorer, view, &blurred, (w / 7).max(1))?),
                 "centre" => Some(centre_map(w, h)),
                 "random" => Some(random_map(w, h, n as u64 + 1)),
@@ -768,7 +791,13 @@ pub fn run_eval(
                     .and_then(|s| s.map)
                     .map(|m| m.upsampled.normalized()),
             };
-            let Some(map) = map else { continue };
+            let Some(map) = map else {
+                progress.advance(1);
+                continue;
+            };
+            if n < EXAMPLES {
+                example_maps.push((method.clone(), map.clone()));
+            }
             let f = faithfulness(&scorer, view, &blurred, &map, opts.steps, opts.min_range)?;
             row.insert(
                 method.to_string(),
@@ -778,19 +807,20 @@ pub fn run_eval(
             progress.advance(1);
         }
         rows.push(serde_json::Value::Object(row));
+        if n < EXAMPLES {
+            examples.push(fam_core::records::EvalExample {
+                label: format!("{} vs {}", s.label, other.label),
+                view: view.clone(),
+                maps: example_maps,
+            });
+        }
     }
     progress.finish_stage();
     let summaries = methods
         .iter()
         .zip(&per_method)
-        .map(|(m, fs)| {
-            let passes = match m.as_str() {
-                // One pass for the unmodified image, one per patch.
-                "occlusion" => 1 + h_cells(&items, base),
-                _ => 0,
-            };
-            summarize(m, fs, opts.steps, opts.resamples, passes)
-        })
+        .zip(&passes)
+        .map(|((m, fs), &passes)| summarize(m, fs, opts.steps, opts.resamples, passes))
         .collect();
     let report = EvalReport {
         pipeline: p.path.display().to_string(),
@@ -802,6 +832,7 @@ pub fn run_eval(
         resamples: opts.resamples,
         summaries,
         items: rows,
+        examples,
     };
     use crate::output::OutputSink;
     for r in &session.renderers {
@@ -912,7 +943,12 @@ pub fn verdicts(report: &EvalReport) -> Vec<String> {
                     format!("{name} {word}")
                 })
                 .collect();
-            format!("{} vs {}: {}", first.method, other.method, parts.join(", "))
+            let said = if parts.is_empty() {
+                "no map for any item".to_string()
+            } else {
+                parts.join(", ")
+            };
+            format!("{} vs {}: {said}", first.method, other.method)
         })
         .collect()
 }

@@ -15,6 +15,7 @@
 //! - [`output`]: the output folder (atomic writes); [`documents`]: the typed JSON documents
 //!   (manifest, retrieval, episode, predictions); [`device`]: device names.
 
+pub mod baselines;
 pub mod bench;
 pub mod cache;
 pub mod device;
@@ -23,6 +24,7 @@ pub mod embed;
 pub mod eval;
 pub mod index;
 pub mod loader;
+pub mod locations;
 pub mod maps;
 pub mod merge;
 pub mod output;
@@ -30,6 +32,7 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod report;
 pub mod run;
+pub mod scorer;
 pub mod session;
 pub mod tasks;
 

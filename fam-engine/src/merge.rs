@@ -7,9 +7,10 @@
 //! read as their types ([`crate::documents`]) and merged: the per-item lists concatenate,
 //! `accuracy` is recomputed from the predictions, and everything else must agree.
 //! `manifest.json` sums the item counts, counts and timings, and lists every file, failure
-//! and comparison. The files of renderers that summarise the run (`html`'s `index.html`,
-//! [`Renderer::runs_last`]) are rendered again by those renderers, from the pipeline the
-//! shards ran, on every shard's comparisons.
+//! and comparison. The top-level files of renderers that summarise the run (`html`'s
+//! `index.html`, [`Renderer::runs_last`]) are rendered again by those renderers, from the
+//! pipeline the shards ran, on every shard's comparisons; their per-item files (`html`'s
+//! `compare/<id>.html`) are copied.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -230,7 +231,9 @@ pub fn merge(output: &Path, shards: &[PathBuf], host: &mut PluginHost) -> Result
     let mut docs: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
     for (dir, m) in &manifests {
         for f in &m.files {
-            if summary_writers.contains(&f.by.as_str()) {
+            // A summary's top-level files (the report page) are rendered again below; its
+            // per-item files (each comparison's page) are copied like the others'.
+            if summary_writers.contains(&f.by.as_str()) && !f.path.contains('/') {
                 continue;
             }
             let src = dir.join(&f.path);

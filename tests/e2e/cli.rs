@@ -155,7 +155,8 @@ fn eval_json_is_the_report() {
             "eval",
             "pipelines/quickstart.toml",
             "--json",
-            "--skip-occlusion",
+            "--methods",
+            "gradient,random",
         ])
         .args(["--steps", "2", "--max-items", "1", "--output"])
         .arg(&out)

@@ -13,6 +13,8 @@ fn eval_scores_fam_and_the_baselines() {
             "4",
             "--max-items",
             "2",
+            "--rise-masks",
+            "32",
             "--output",
         ])
         .arg(&out)
@@ -22,6 +24,10 @@ fn eval_scores_fam_and_the_baselines() {
         "fam",
         "gradient",
         "activation",
+        "decomposition",
+        "point-specific",
+        "sbsm",
+        "corrrise",
         "occlusion",
         "centre",
         "random",
@@ -34,6 +40,13 @@ fn eval_scores_fam_and_the_baselines() {
     }
     let report = json(&out.join("eval.json"));
     assert!(out.join("eval-curves.png").is_file());
+    // The figure of the scored maps: both items, the image and ten methods each.
+    let maps = image::open(out.join("eval-maps.png")).unwrap();
+    assert!(
+        maps.width() > 11 * 224 && maps.height() > 2 * 224,
+        "{:?}",
+        (maps.width(), maps.height())
+    );
     let s = &report["summaries"][0];
     assert_eq!(s["method"], "fam");
     assert_eq!(s["items"], 2);
@@ -147,4 +160,65 @@ fn eval_reports_intervals_and_takes_the_mean_colour_removal() {
             }
         }
     }
+}
+
+/// The literature's baselines on the face model (an affine head, cosine), chosen with
+/// `--methods`: each has a map for every item and states its cost; through an affine head
+/// the cosine's decomposition is FAM's map before its ReLU, so their deletion areas agree.
+#[test]
+fn eval_runs_the_literature_baselines_alone() {
+    let out = scratch("eval-literature");
+    let r = run(fam()
+        .args([
+            "eval",
+            "pipelines/retrieval-faces.toml",
+            "--steps",
+            "8",
+            "--max-items",
+            "4",
+            "--methods",
+            "decomposition,point-specific,sbsm,corrrise",
+            "--rise-masks",
+            "40",
+            "--resamples",
+            "200",
+            "--output",
+        ])
+        .arg(&out)
+        .current_dir(root()));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let report = json(&out.join("eval.json"));
+    let rows = report["summaries"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|s| s["method"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["fam", "decomposition", "point-specific", "sbsm", "corrrise"]
+    );
+    let passes: Vec<u64> = rows
+        .iter()
+        .map(|s| s["passes_per_map"].as_u64().unwrap())
+        .collect();
+    // Beyond the task's own passes: the decompositions use the feature maps it computes;
+    // at 112 px SBSM has windows of 25 every 10 px, 12 x 12 of them, and the unmodified image.
+    assert_eq!(passes, [0, 0, 0, 145, 40]);
+    for s in rows {
+        assert_eq!(s["items"], 4, "{s}");
+    }
+    let del = |i: usize| rows[i]["deletion_auc"]["mean"].as_f64().unwrap();
+    assert!((del(0) - del(1)).abs() < 0.05, "{} vs {}", del(0), del(1));
+
+    let r = run(fam()
+        .args([
+            "eval",
+            "pipelines/retrieval-faces.toml",
+            "--methods",
+            "gradcam",
+        ])
+        .current_dir(root()));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("unknown method `gradcam`") && r.stderr.contains("corrrise"),
+        "{}",
+        r.stderr
+    );
 }

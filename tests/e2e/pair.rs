@@ -46,7 +46,21 @@ fn quickstart_writes_every_output_and_the_maps_make_sense() {
         files.iter().filter(|f| f.starts_with("overlays/")).count(),
         10
     );
-    assert_eq!(files.iter().filter(|f| f.ends_with(".npy")).count(), 20);
+    assert_eq!(
+        files
+            .iter()
+            .filter(|f| f.starts_with("maps/") && f.ends_with(".npy"))
+            .count(),
+        20
+    );
+    // Every pair of two images under cosine has its correspondence, and its own page.
+    for folder in ["correspondence/", "compare/"] {
+        assert_eq!(
+            files.iter().filter(|f| f.starts_with(folder)).count(),
+            5,
+            "{folder}"
+        );
+    }
     assert!(files.contains(&"scores.json".to_string()));
     for f in &files {
         let meta = std::fs::metadata(out.join(f)).unwrap();

@@ -90,6 +90,8 @@ fn the_report_renders_in_chromium_with_every_panel() {
             .find(|l| l.contains("<body"))
             .unwrap_or("no <body> in the DOM")
     );
+    // The comparisons can be filtered by score: all three shown at first.
+    assert!(dom.contains("id=\"shown\" data-count=\"3\""), "{dom}");
     // And draws it: a screenshot that is not blank.
     let shot = dir.join("report.png");
     let o = browser(
@@ -110,4 +112,140 @@ fn the_report_renders_in_chromium_with_every_panel() {
         colourful > 100_000,
         "only {colourful} colourful pixels: the panels are not drawn"
     );
+}
+
+/// Which part matches which: a photo and its copy moved right by 64 px (two cells of the
+/// 7 x 7 feature map at 224 px). The correspondence is written as `.npy` and adds up to the
+/// score; on the comparison's own page a click on one image moves the other image's overlay
+/// to where the shift says the clicked location went, both ways.
+#[test]
+fn the_correspondence_follows_a_known_shift_in_chromium() {
+    let dir = scratch("correspondence");
+    let cat = image::open(image("chelsea.png")).unwrap().to_rgb8();
+    let side = cat.width().min(cat.height());
+    let square = image::imageops::crop_imm(
+        &cat,
+        (cat.width() - side) / 2,
+        (cat.height() - side) / 2,
+        side,
+        side,
+    )
+    .to_image();
+    let a = image::imageops::resize(&square, 224, 224, image::imageops::FilterType::Triangle);
+    let mut b = image::RgbImage::from_pixel(224, 224, image::Rgb([128, 128, 128]));
+    image::imageops::replace(
+        &mut b,
+        &image::imageops::crop_imm(&a, 0, 0, 160, 224).to_image(),
+        64,
+        0,
+    );
+    let (pa, pb) = (dir.join("a.png"), dir.join("b.png"));
+    a.save(&pa).unwrap();
+    b.save(&pb).unwrap();
+    let p = write_pipeline(
+        &dir,
+        "plugin = \"metrics\"\nkind = \"cosine\"",
+        "contribution",
+        &[(pa.as_path(), pb.as_path())],
+        &["npy", "scores", "html"],
+    );
+    // Plain resizing to 224 px, so that 64 px are exactly two cells.
+    let mut text = std::fs::read_to_string(&p).unwrap();
+    text.push_str("\n[preprocess]\nwidth = 224\nheight = 224\n");
+    std::fs::write(&p, text).unwrap();
+    let r = run(fam().args(["-q", "run"]).arg(&p));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = dir.join("out");
+    let id = "pair-01_a_vs_b";
+
+    // The data: [7, 7, 7, 7], adding up to the score.
+    let bytes = std::fs::read(out.join(format!("correspondence/{id}.npy"))).unwrap();
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = String::from_utf8_lossy(&bytes[10..10 + header_len]);
+    assert!(header.contains("'shape': (7, 7, 7, 7)"), "{header}");
+    let values: Vec<f32> = bytes[10 + header_len..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let scores = json(&out.join("scores.json"));
+    let score = scores["comparisons"][0]["score"].as_f64().unwrap() as f32;
+    let total: f32 = values.iter().sum();
+    assert!((total - score).abs() < 1e-3, "{total} vs {score}");
+    // The run's page links the comparison's page and the data.
+    let index = std::fs::read_to_string(out.join("index.html")).unwrap();
+    assert!(index.contains(&format!("href=\"compare/{id}.html\"")));
+    assert!(index.contains(&format!("href=\"correspondence/{id}.npy\"")));
+
+    // Clicks, dispatched on the page's images from a page that frames it.
+    let cells = [
+        ("query", 3, 1),
+        ("query", 3, 2),
+        ("query", 3, 3),
+        ("reference", 3, 4),
+        ("reference", 3, 5),
+    ];
+    let clicks: Vec<String> = cells
+        .iter()
+        .map(|(s, r, c)| format!("['{s}', {r}, {c}]"))
+        .collect();
+    let driver = out.join("click.html");
+    std::fs::write(
+        &driver,
+        format!(
+            r#"<!doctype html><html><body><iframe id="f" src="compare/{id}.html" width="1200" height="900"></iframe>
+<script>
+document.getElementById('f').addEventListener('load', () => {{
+  const d = document.getElementById('f').contentDocument, res = [];
+  for (const [side, row, col] of [{}]) {{
+    const el = d.getElementById(side), r = el.getBoundingClientRect();
+    const before = d.getElementById(side === 'query' ? 'reference-overlay' : 'query-overlay').toDataURL();
+    el.dispatchEvent(new MouseEvent('click', {{bubbles: true, clientX: r.left + (col + 0.5) * r.width / 7, clientY: r.top + (row + 0.5) * r.height / 7}}));
+    const after = d.getElementById(side === 'query' ? 'reference-overlay' : 'query-overlay').toDataURL();
+    res.push(d.body.dataset.selected + '>' + d.body.dataset.peak + (after !== before ? '' : ' unchanged'));
+  }}
+  document.body.dataset.result = res.join(';');
+  // The run's page filters its comparisons by score.
+  const g = document.getElementById('g');
+  g.addEventListener('load', () => {{
+    const i = g.contentDocument, min = i.getElementById('min-score');
+    const before = i.getElementById('shown').dataset.count;
+    min.value = '2'; min.dispatchEvent(new Event('input'));
+    document.body.dataset.filtered = before + '>' + i.getElementById('shown').dataset.count;
+  }});
+  g.src = 'index.html';
+}});
+</script><iframe id="g" width="800" height="600"></iframe></body></html>"#,
+            clicks.join(", ")
+        ),
+    )
+    .unwrap();
+    let dom = browser(
+        &[
+            "--allow-file-access-from-files",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+        ],
+        &driver,
+    );
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    let result = dom
+        .split("data-result=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_else(|| panic!("the clicks left no result:\n{dom}"))
+        .replace("&gt;", ">");
+    // A minimum score above every score hides the one comparison.
+    assert!(dom.contains("data-filtered=\"1&gt;0\""), "{dom}");
+    let results: Vec<&str> = result.split(';').collect();
+    assert_eq!(results.len(), cells.len(), "{result}");
+    for ((side, row, col), got) in cells.iter().zip(&results) {
+        // Query column c went to column c + 2 of the reference, and back.
+        let (other, want) = if *side == "query" {
+            ("reference", (*row, col + 2))
+        } else {
+            ("query", (*row, col - 2))
+        };
+        let expected = format!("{side}:{row},{col}>{other}:{},{}", want.0, want.1);
+        assert_eq!(*got, expected, "all clicks: {result}");
+    }
 }

@@ -56,7 +56,7 @@ colormap = "rainbow"
         "backbone.layer: no layer `features.81` in mobilenet_v2 (layers are features.0 to features.18); did you mean `features.1`?",
         "similarity.kind: no similarity named `metrics::cosine_similarity` (available: metrics::cosine, metrics::euclidean)",
         "render[0].alpha: 2.0 is not a number between 0 and 1",
-        "render[0].colormap: unknown colormap `rainbow` (available: jet, inferno, gray)",
+        "render[0].colormap: unknown colormap `rainbow` (available: jet, inferno, viridis, turbo, gray)",
         "task.pairs[0].a:",
     ] {
         assert!(r.stderr.contains(needle), "`{needle}` missing from:\n{}", r.stderr);

@@ -114,6 +114,7 @@ fn run_classify(
                             distance,
                             group: Some(qid.clone()),
                             rank: Some(rank + 1),
+                            correspondence: None,
                         });
                     }
                     let mut votes: Vec<(String, f32)> = votes.into_iter().collect();
@@ -146,6 +147,7 @@ fn run_classify(
                         distance,
                         group: Some(qid.clone()),
                         rank: Some(1),
+                        correspondence: None,
                     });
                     (
                         classes[c].clone(),

@@ -91,13 +91,56 @@ impl TaskContext<'_> {
             )?);
         }
         let mut computed = all.into_iter();
+        // Each job's image is its row of `maps`.
+        let mut rows = jobs.iter().map(|j| j.image);
         for c in comparisons.iter_mut() {
             c.query.map = computed.next();
+            let query_row = rows.next();
+            let mut reference_row = None;
             if reference_mapped(c) {
                 c.reference.map = computed.next();
+                reference_row = rows.next();
+            }
+            if let (Some(q), Some(r)) = (query_row, reference_row) {
+                c.correspondence = self.correspondence(maps, c, q, r);
             }
         }
         Ok(())
+    }
+
+    /// The correspondence of a comparison of two images whose maps explain their plain
+    /// similarity (each side's target is the other's embedding), or `None`. A failure is
+    /// logged and costs only the correspondence.
+    fn correspondence(
+        &self,
+        maps: &Tensor,
+        c: &Comparison,
+        query_row: usize,
+        reference_row: usize,
+    ) -> Option<fam_core::records::Correspondence> {
+        let (tq, tr) = (c.query.target.as_ref()?, c.reference.target.as_ref()?);
+        if !tr.others.is_empty() || tr.transform != fam_core::records::Transform::None {
+            return None;
+        }
+        let result = (|| {
+            use crate::locations::{correspondence, ImageFeatures};
+            let q = ImageFeatures::from_batch(maps, query_row, tr.reference.clone())?;
+            let r = ImageFeatures::from_batch(maps, reference_row, tq.reference.clone())?;
+            correspondence(
+                self.session.backbone.as_ref(),
+                self.session.similarity.as_ref(),
+                tq,
+                &q,
+                &r,
+            )
+        })();
+        match result {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(comparison = %c.id, error = %e, "no correspondence");
+                None
+            }
+        }
     }
 
     /// The items of this run among `len` (all without `--shard`).

@@ -117,6 +117,7 @@ fn run_few_shot(
                     distance,
                     group: Some(qid.clone()),
                     rank: Some(rank + 1),
+                    correspondence: None,
                 });
             }
             // Each support image w.r.t. the query; with `contrast = "others"`, relative to
@@ -154,6 +155,7 @@ fn run_few_shot(
                     distance: None,
                     group: Some(qid.clone()),
                     rank: None,
+                    correspondence: None,
                 });
             }
             let by_class = scores.iter().map(|(c, s)| (classes[*c].clone(), *s));

@@ -96,6 +96,7 @@ fn run_pairs(
                     distance,
                     group: None,
                     rank: None,
+                    correspondence: None,
                 },
                 [ja, jb],
             ))

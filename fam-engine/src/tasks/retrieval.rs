@@ -465,6 +465,7 @@ fn run_retrieval(
                 distance: *distance,
                 group: Some(qid),
                 rank: Some(rank + 1),
+                correspondence: None,
             });
         }
     }

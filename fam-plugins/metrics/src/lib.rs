@@ -8,7 +8,7 @@
 
 use fam_core::options::{self, NoOptions};
 use fam_core::plugin::{Options, Registrar};
-use fam_core::{FamError, Problem, Result, Similarity};
+use fam_core::{FamError, InnerProductForm, Problem, Result, Similarity};
 
 fam_core::export_plugin!(name: "metrics", register: register);
 
@@ -122,6 +122,14 @@ impl Similarity for Cosine {
         }
         Ok(true)
     }
+    /// `s = (e·r) / (‖e‖‖r‖)`: `cross = 1/(‖e‖‖r‖)`, the norms held at this pair.
+    fn inner_product_form(&self, e: &[f32], r: &[f32]) -> Result<Option<InnerProductForm>> {
+        let (ne, nr) = Self::norms(e, r)?;
+        Ok(Some(InnerProductForm {
+            cross: (1.0 / (ne * nr)) as f32,
+            ..Default::default()
+        }))
+    }
 }
 
 /// Euclidean similarity `‖r‖² − ‖e − r‖²`, reported with the distance `‖e − r‖`.
@@ -175,6 +183,15 @@ impl Similarity for Euclidean {
         }
         Ok(true)
     }
+    /// `‖r‖² − ‖e − r‖² = 2 e·r − ‖e‖²`.
+    fn inner_product_form(&self, e: &[f32], r: &[f32]) -> Result<Option<InnerProductForm>> {
+        check(e, r)?;
+        Ok(Some(InnerProductForm {
+            cross: 2.0,
+            self_e: -1.0,
+            ..Default::default()
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -195,6 +212,22 @@ mod tests {
 
     fn metrics() -> [Box<dyn Similarity>; 2] {
         [Box::new(Cosine), Box::new(Euclidean)]
+    }
+
+    #[test]
+    fn inner_product_forms_give_the_score() {
+        for m in metrics() {
+            for s in 0..5 {
+                let (e, r) = (sample(16, s), sample(16, s + 40));
+                let f = m.inner_product_form(&e, &r).unwrap().unwrap();
+                let (a, b) = (f.score(&e, &r), m.score(&e, &r).unwrap());
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                    "{}: {a} vs {b}",
+                    m.name()
+                );
+            }
+        }
     }
 
     #[test]

@@ -5,16 +5,21 @@ use fam_core::Result;
 
 use crate::draw::Canvas;
 
-/// Line colours, one per method in table order (FAM first, in red).
-const COLORS: [[u8; 3]; 8] = [
+/// Line colours, one per method in table order (FAM first, in red): matplotlib's tab10
+/// and two more, so that the twelve methods a few-shot eval can have all differ.
+const COLORS: [[u8; 3]; 12] = [
     [214, 39, 40],
     [255, 127, 14],
     [31, 119, 180],
     [44, 160, 44],
     [148, 103, 189],
     [140, 86, 75],
+    [227, 119, 194],
     [127, 127, 127],
+    [188, 189, 34],
     [23, 190, 207],
+    [0, 0, 0],
+    [255, 215, 0],
 ];
 
 const WHITE: [u8; 3] = [255, 255, 255];

@@ -1,25 +1,39 @@
-//! A tiny RGB canvas: blitting, heatmap blending, bitmap text and PNG encoding.
+//! A tiny RGB canvas: blitting, heatmap blending, antialiased text (DejaVu Sans through
+//! ab_glyph, `fonts/`) and PNG encoding.
 
 use fam_core::explain::Rgb8;
+
+/// DejaVu Sans (`fonts/LICENSE.md`), parsed once.
+fn font() -> &'static ab_glyph::FontRef<'static> {
+    static FONT: std::sync::OnceLock<ab_glyph::FontRef<'static>> = std::sync::OnceLock::new();
+    FONT.get_or_init(|| {
+        ab_glyph::FontRef::try_from_slice(include_bytes!("../fonts/DejaVuSans.ttf"))
+            .expect("the bundled font parses")
+    })
+}
 use fam_core::{FamError, Result};
 
-/// Colormaps for saliency (0 = low, 1 = high).
+/// Colormaps for saliency (0 = low, 1 = high). Viridis, inferno and turbo are the
+/// published tables (the `colorous` crate: matplotlib's perceptually uniform maps and
+/// Google's turbo); jet is matplotlib's piecewise-linear definition, for those who ask.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Colormap {
-    /// matplotlib's `jet`: blue, cyan, yellow, red.
     Jet,
-    /// matplotlib's `inferno`-like black, purple, orange, yellow ramp (piecewise linear).
     Inferno,
+    Viridis,
+    Turbo,
     Gray,
 }
 
 impl Colormap {
-    pub const NAMES: [&'static str; 3] = ["jet", "inferno", "gray"];
+    pub const NAMES: [&'static str; 5] = ["jet", "inferno", "viridis", "turbo", "gray"];
 
     pub fn parse(s: &str) -> std::result::Result<Self, String> {
         match s {
             "jet" => Ok(Self::Jet),
             "inferno" => Ok(Self::Inferno),
+            "viridis" => Ok(Self::Viridis),
+            "turbo" => Ok(Self::Turbo),
             "gray" | "grey" => Ok(Self::Gray),
             other => Err(format!(
                 "unknown colormap `{other}` (available: {})",
@@ -36,30 +50,19 @@ impl Colormap {
             0.0
         };
         let to8 = |x: f32| (x.clamp(0.0, 1.0) * 255.0).round() as u8;
+        let table = |g: colorous::Gradient| {
+            let c = g.eval_continuous(v as f64);
+            [c.r, c.g, c.b]
+        };
         match self {
             Colormap::Jet => {
                 // matplotlib jet: r = 1.5 - |4v - 3|, g = 1.5 - |4v - 2|, b = 1.5 - |4v - 1|
                 let f = |c: f32| to8(1.5 - (4.0 * v - c).abs());
                 [f(3.0), f(2.0), f(1.0)]
             }
-            Colormap::Inferno => {
-                const STOPS: [[f32; 3]; 5] = [
-                    [0.0, 0.0, 0.015],
-                    [0.34, 0.06, 0.43],
-                    [0.73, 0.21, 0.33],
-                    [0.98, 0.55, 0.04],
-                    [0.99, 1.0, 0.64],
-                ];
-                let x = v * 4.0;
-                let i = (x.floor() as usize).min(3);
-                let t = x - i as f32;
-                let (a, b) = (STOPS[i], STOPS[i + 1]);
-                [
-                    to8(a[0] + (b[0] - a[0]) * t),
-                    to8(a[1] + (b[1] - a[1]) * t),
-                    to8(a[2] + (b[2] - a[2]) * t),
-                ]
-            }
+            Colormap::Inferno => table(colorous::INFERNO),
+            Colormap::Viridis => table(colorous::VIRIDIS),
+            Colormap::Turbo => table(colorous::TURBO),
             Colormap::Gray => [to8(v); 3],
         }
     }
@@ -147,29 +150,67 @@ impl Canvas {
         }
     }
 
-    /// Draws ASCII text with an 8x8 bitmap font scaled by `scale`.
+    /// Draws text in DejaVu Sans, antialiased, at `11 · scale` px with its top at `y0`
+    /// (a line takes about `7 · scale` px per character on average, less than the 8 the
+    /// layouts allow).
     pub fn text(&mut self, x0: u32, y0: u32, text: &str, scale: u32, rgb: [u8; 3]) {
-        use font8x8::UnicodeFonts;
-        for (n, ch) in text.chars().enumerate() {
-            let glyph = font8x8::BASIC_FONTS
-                .get(ch)
-                .or_else(|| font8x8::BASIC_FONTS.get('?'))
-                .unwrap_or([0; 8]);
-            for (row, bits) in glyph.iter().enumerate() {
-                for col in 0..8u32 {
-                    if bits & (1 << col) != 0 {
-                        for dy in 0..scale {
-                            for dx in 0..scale {
-                                self.put(
-                                    x0 + (n as u32 * 8 + col) * scale + dx,
-                                    y0 + row as u32 * scale + dy,
-                                    rgb,
-                                );
-                            }
-                        }
-                    }
-                }
+        use ab_glyph::{Font, ScaleFont};
+        let px = 11.0 * scale.max(1) as f32;
+        let font = font().as_scaled(px);
+        let baseline = y0 as f32 + font.ascent();
+        let mut caret = x0 as f32;
+        let mut previous: Option<ab_glyph::GlyphId> = None;
+        for ch in text.chars() {
+            let id = font.glyph_id(ch);
+            if let Some(p) = previous {
+                caret += font.kern(p, id);
             }
+            let glyph = id.with_scale_and_position(px, ab_glyph::point(caret, baseline));
+            caret += font.h_advance(id);
+            previous = Some(id);
+            let Some(outline) = font.font().outline_glyph(glyph) else {
+                continue;
+            };
+            let bounds = outline.px_bounds();
+            outline.draw(|gx, gy, coverage| {
+                let (x, y) = (
+                    bounds.min.x as i64 + gx as i64,
+                    bounds.min.y as i64 + gy as i64,
+                );
+                if x >= 0 && y >= 0 {
+                    self.blend(x as u32, y as u32, rgb, coverage);
+                }
+            });
+        }
+    }
+
+    /// The width in pixels of `text` drawn by [`Canvas::text`] at `scale`.
+    pub fn text_width(text: &str, scale: u32) -> f32 {
+        use ab_glyph::{Font, ScaleFont};
+        let font = font().as_scaled(11.0 * scale.max(1) as f32);
+        let mut width = 0.0;
+        let mut previous: Option<ab_glyph::GlyphId> = None;
+        for ch in text.chars() {
+            let id = font.glyph_id(ch);
+            if let Some(p) = previous {
+                width += font.kern(p, id);
+            }
+            width += font.h_advance(id);
+            previous = Some(id);
+        }
+        width
+    }
+
+    /// Mixes `rgb` into a pixel with weight `a` in [0, 1].
+    pub fn blend(&mut self, x: u32, y: u32, rgb: [u8; 3], a: f32) {
+        if x >= self.width || y >= self.height {
+            return;
+        }
+        let a = a.clamp(0.0, 1.0);
+        let i = ((y * self.width + x) * 3) as usize;
+        for (c, v) in rgb.iter().enumerate() {
+            let old = self.data[i + c] as f32;
+            self.data[i + c] = (old + (*v as f32 - old) * a).round() as u8;
         }
     }
 
@@ -231,6 +272,22 @@ mod tests {
         assert_eq!(Colormap::Jet.color(1.0), [128, 0, 0]);
         assert_eq!(Colormap::Jet.color(0.5), [128, 255, 128]);
         assert_eq!(Colormap::Gray.color(f32::NAN), [0, 0, 0]);
+    }
+
+    #[test]
+    fn published_colormaps_end_where_their_tables_do() {
+        // matplotlib's viridis #440154 → #fde725, inferno #000004 → #fcffa4.
+        assert_eq!(Colormap::Viridis.color(0.0), [0x44, 0x01, 0x54]);
+        assert_eq!(Colormap::Viridis.color(1.0), [0xfd, 0xe7, 0x25]);
+        assert_eq!(Colormap::Inferno.color(0.0), [0x00, 0x00, 0x04]);
+        assert_eq!(Colormap::Inferno.color(1.0), [0xfc, 0xff, 0xa4]);
+        // Turbo (colorous' polynomial fit): dark, then green in the middle, then dark red.
+        let [r, g, b] = Colormap::Turbo.color(0.5);
+        assert!(g > r && g > b, "{:?}", [r, g, b]);
+        assert!(Colormap::Turbo.color(1.0)[0] > Colormap::Turbo.color(1.0)[2]);
+        for name in Colormap::NAMES {
+            assert!(Colormap::parse(name).is_ok(), "{name}");
+        }
     }
 
     #[test]

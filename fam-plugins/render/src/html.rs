@@ -1,6 +1,8 @@
-//! `html`: `index.html`, the report page (`page.rs`) beside the run's other files.
-//! It runs after the other renderers and links only the files they wrote.
+//! `html`: `index.html`, the report page (`page.rs`) beside the run's other files, and
+//! each comparison's own page `compare/<id>.html` (`compare.rs`). It runs after the other
+//! renderers and links only the files they wrote.
 
+use crate::draw::Colormap;
 use crate::page::page;
 use fam_core::explain::Explanation;
 use fam_core::options::{self, serde::Deserialize};
@@ -40,6 +42,17 @@ impl Renderer for Html {
     }
 
     fn render(&self, e: &Explanation, out: &mut dyn OutputSink) -> Result<()> {
+        // Each comparison's own page (where it has an image; not from `fam-cli merge`,
+        // whose explanation has none, so the shards' pages stay).
+        for c in &e.comparisons {
+            let name = format!("compare/{}.html", c.id);
+            if out.reuse(&name) {
+                continue;
+            }
+            if let Some(page) = crate::compare::page(e, c, Colormap::Jet)? {
+                out.write(&name, page.as_bytes())?;
+            }
+        }
         let files = out.written_files();
         let data = ReportData::new(self.title.as_deref(), e);
         out.write("index.html", page(&data, &files).as_bytes())

@@ -9,6 +9,7 @@
 //! - `html`: `index.html`, a report page with every panel, the scores and the ranking, and
 //!   links to the raw maps (runs after the others).
 
+pub mod compare;
 mod curves;
 mod draw;
 pub mod html;
@@ -45,7 +46,7 @@ pub fn register(r: &mut Registrar) {
     );
     r.renderer(
         "npy",
-        "raw (h x w) and upsampled (H x W) maps as .npy files",
+        "raw (h x w) and upsampled (H x W) maps, and the correspondence of two images (h x w x h x w), as .npy files",
         no_options,
         |o| {
             options::load::<NoOptions>(o, "", |_| vec![])?;
@@ -77,7 +78,7 @@ fn no_options(o: &Options) -> Vec<Problem> {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(crate = "fam_core::options::serde", deny_unknown_fields)]
 pub struct OverlayOptions {
-    /// `"jet"` (the default), `"inferno"` or `"gray"`.
+    /// `"jet"` (the default), `"inferno"`, `"viridis"`, `"turbo"` or `"gray"`.
     #[serde(default = "default_colormap", deserialize_with = "colormap")]
     pub colormap: Colormap,
     /// Opacity of the heatmap over the image, from 0 to 1 (default 0.5).
@@ -192,7 +193,11 @@ impl Renderer for Panel {
         report: &fam_core::records::EvalReport,
         out: &mut dyn OutputSink,
     ) -> Result<()> {
-        out.write("eval-curves.png", &curves::plot(report)?)
+        out.write("eval-curves.png", &curves::plot(report)?)?;
+        if !report.examples.is_empty() {
+            out.write("eval-maps.png", &self.eval_maps(report)?.png()?)?;
+        }
+        Ok(())
     }
     fn render(&self, e: &Explanation, out: &mut dyn OutputSink) -> Result<()> {
         // Grouped comparisons (a retrieval query and its hits) get one ranking panel.
@@ -228,6 +233,50 @@ impl Renderer for Panel {
 }
 
 impl Panel {
+    /// The first evaluated items, one row each: the image, then every method's map on it,
+    /// in table order (what `fam-cli eval` scored).
+    pub fn eval_maps(&self, report: &fam_core::records::EvalReport) -> Result<Canvas> {
+        let methods: Vec<&str> = report.summaries.iter().map(|m| m.method.as_str()).collect();
+        let first = &report.examples[0].view;
+        let k = zoom(first.width);
+        let tile = (first.width * k, first.height * k);
+        let title = format!("maps scored by fam-cli eval: {}", report.backbone);
+        let sub = format!(
+            "{}, target: {}; one row per item, one column per method (min-max normalized)",
+            report.similarity, report.target
+        );
+        let (grid, mut canvas) = Grid::new(
+            &title,
+            &sub,
+            1 + methods.len() as u32,
+            report.examples.len() as u32,
+            tile,
+            0,
+        );
+        for (row, ex) in report.examples.iter().enumerate() {
+            let row = row as u32;
+            let img = Canvas::from_rgb(&ex.view).scaled(k);
+            grid.put(&mut canvas, 0, row, Some(&img), &ex.label);
+            for (col, m) in methods.iter().enumerate() {
+                let Some((_, map)) = ex.maps.iter().find(|(name, _)| name == m) else {
+                    grid.put(&mut canvas, 1 + col as u32, row, None, &format!("{m}: n/a"));
+                    continue;
+                };
+                if map.len() != (ex.view.width * ex.view.height) as usize {
+                    return Err(FamError::invalid(format!(
+                        "eval map `{m}` of {} values for a {}x{} image",
+                        map.len(),
+                        ex.view.width,
+                        ex.view.height
+                    )));
+                }
+                let t = Canvas::overlay(&ex.view, map, self.0.colormap, self.0.alpha).scaled(k);
+                grid.put(&mut canvas, 1 + col as u32, row, Some(&t), m);
+            }
+        }
+        Ok(canvas)
+    }
+
     /// `[A | A's map w.r.t. B | B's map w.r.t. A | B]` with a header and captions.
     pub fn panel(&self, e: &Explanation, c: &Comparison) -> Result<Canvas> {
         let mut tiles: Vec<(Canvas, String)> = Vec::new();
@@ -291,6 +340,24 @@ impl Panel {
             }
         }
         canvas.text(bar_x + 40 + bar_w, bar_y + 2, "high", 1, [80, 80, 80]);
+        // Each map is scaled to its own range (upsampled, before normalization): its values.
+        let ranges: Vec<String> = [&c.query, &c.reference]
+            .iter()
+            .filter_map(|s| {
+                let m = &s.map.as_ref()?.upsampled;
+                let lo = m.data.iter().copied().fold(f32::INFINITY, f32::min);
+                Some(format!("{} {:.4} to {:.4}", s.label, lo, m.max()))
+            })
+            .collect();
+        if !ranges.is_empty() {
+            canvas.text(
+                bar_x + 80 + bar_w,
+                bar_y + 2,
+                &format!("each map over its own range: {}", ranges.join("; ")),
+                1,
+                [80, 80, 80],
+            );
+        }
         Ok(canvas)
     }
 }
@@ -320,10 +387,22 @@ impl Panel {
             .unwrap_or((224, 224));
         let cols = 1 + items.len() as u32;
         let title = format!("query {name}: top {} by {}", items.len(), e.info.similarity);
-        let sub = format!(
+        let mut sub = format!(
             "FAM ({} weights) at {}; input: {}",
             e.info.weighting, e.info.backbone, e.info.preprocessing
         );
+        // Maps of the query that barely depend on the hit explain the query, not each match.
+        let query_maps: Vec<&[f32]> = items
+            .iter()
+            .filter_map(|c| c.query.map.as_ref().map(|m| m.raw.data.as_slice()))
+            .collect();
+        if let Some(r) = least_correlated(&query_maps) {
+            if r > NEAR_IDENTICAL {
+                sub.push_str(&format!(
+                    ". The query's maps w.r.t. these hits are near-identical (every pair correlates at r >= {r:.2}): they show what the query's match rests on, not which part matched which hit; the comparisons' pages (compare/) show the correspondence"
+                ));
+            }
+        }
         let (grid, mut canvas) = Grid::new(&title, &sub, cols, 3, (tile_w, tile_h), 0);
         let put = |canvas: &mut Canvas, col, row, tile: Option<Canvas>, label: String| {
             grid.put(canvas, col, row, tile.as_ref(), &label)
@@ -506,8 +585,8 @@ impl Grid {
     ) -> (Self, Canvas) {
         let (gap, caption) = (8u32, 14u32);
         let width = (gap + cols * (tile.0 + gap)).max(480);
-        let title_lines = wrap(title, ((width - 2 * gap) / 16) as usize);
-        let sub_lines = wrap(sub, ((width - 2 * gap) / 8) as usize);
+        let title_lines = wrap_px(title, width - 2 * gap, 2);
+        let sub_lines = wrap_px(sub, width - 2 * gap, 1);
         let sub_top = 6 + 20 * title_lines.len() as u32 + 2;
         let header = sub_top + 10 * sub_lines.len() as u32 + 6;
         let row_h = tile.1 + caption + gap;
@@ -538,7 +617,11 @@ impl Grid {
         if let Some(t) = tile {
             canvas.blit(t, x, y);
         }
-        let label: String = label.chars().take((self.tile.0 / 8) as usize).collect();
+        // Cut to the tile's width.
+        let mut label: String = label.to_string();
+        while !label.is_empty() && Canvas::text_width(&label, 1) > self.tile.0 as f32 {
+            label.pop();
+        }
         canvas.text(x, y + self.tile.1 + 3, &label, 1, [0, 0, 0]);
     }
 }
@@ -561,12 +644,47 @@ fn zoom(tile_width: u32) -> u32 {
     }
 }
 
-/// Greedy word wrap to lines of at most `width` characters.
-fn wrap(text: &str, width: usize) -> Vec<String> {
+/// Maps whose every pair correlates above this are called near-identical.
+const NEAR_IDENTICAL: f32 = 0.95;
+
+/// The smallest Pearson correlation between any two of `maps` (same length), or `None` for
+/// fewer than two (or constant) maps.
+fn least_correlated(maps: &[&[f32]]) -> Option<f32> {
+    let centred: Vec<Vec<f32>> = maps
+        .iter()
+        .map(|m| {
+            let mean = m.iter().sum::<f32>() / m.len().max(1) as f32;
+            m.iter().map(|v| v - mean).collect()
+        })
+        .collect();
+    let mut least: Option<f32> = None;
+    for i in 0..centred.len() {
+        for j in i + 1..centred.len() {
+            let (a, b) = (&centred[i], &centred[j]);
+            let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+            let na = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+            let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+            if a.len() != b.len() || na == 0.0 || nb == 0.0 {
+                return None;
+            }
+            let r = dot / (na * nb);
+            least = Some(least.map_or(r, |l: f32| l.min(r)));
+        }
+    }
+    least
+}
+
+/// Greedy word wrap to lines at most `width` pixels wide in the panels' font at `scale`.
+fn wrap_px(text: &str, width: u32, scale: u32) -> Vec<String> {
+    wrap_by(text, width as f32, |s| Canvas::text_width(s, scale))
+}
+
+/// Greedy word wrap: lines whose `measure` is at most `width` (a longer word stays whole).
+fn wrap_by(text: &str, width: f32, measure: impl Fn(&str) -> f32) -> Vec<String> {
     let mut lines = vec![String::new()];
     for word in text.split(' ') {
         let line = lines.last_mut().unwrap();
-        if !line.is_empty() && line.len() + 1 + word.len() > width {
+        if !line.is_empty() && measure(&format!("{line} {word}")) > width {
             lines.push(word.to_string());
         } else {
             if !line.is_empty() {
@@ -606,6 +724,14 @@ impl Renderer for Npy {
             for (tag, side) in sides(c) {
                 if let Some(m) = &side.map {
                     write_npy(out, &format!("{}_{tag}", c.id), m)?;
+                }
+            }
+            // `[h_q, w_q, h_r, w_r]`: the share of the score of each pair of locations.
+            if let Some(k) = &c.correspondence {
+                let name = format!("correspondence/{}.npy", c.id);
+                if !out.reuse(&name) {
+                    let (q, r) = (k.query_size, k.reference_size);
+                    out.write(&name, &npy_f32(&[q.0, q.1, r.0, r.1], &k.pairs))?;
                 }
             }
         }
@@ -651,8 +777,31 @@ mod tests {
 
     #[test]
     fn wrap_breaks_between_words() {
-        assert_eq!(wrap("aa bb cc", 5), vec!["aa bb", "cc"]);
-        assert_eq!(wrap("aaaaaaa b", 3), vec!["aaaaaaa", "b"]);
+        let chars = |s: &str| s.chars().count() as f32;
+        assert_eq!(wrap_by("aa bb cc", 5.0, chars), vec!["aa bb", "cc"]);
+        assert_eq!(wrap_by("aaaaaaa b", 3.0, chars), vec!["aaaaaaa", "b"]);
+        // In the panels' font a line fits the pixels it is given.
+        for line in wrap_px(
+            "query astronaut_recropped: top 3 by cosine similarity",
+            200,
+            2,
+        ) {
+            assert!(
+                Canvas::text_width(&line, 2) <= 200.0 || !line.contains(' '),
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn near_identical_maps_are_found() {
+        let a = [0.0, 1.0, 2.0, 3.0];
+        let b = [0.1, 1.1, 2.0, 3.2];
+        let c = [3.0, 0.0, 1.0, 0.0];
+        assert!(least_correlated(&[&a, &b]).unwrap() > NEAR_IDENTICAL);
+        assert!(least_correlated(&[&a, &b, &c]).unwrap() < 0.0);
+        assert_eq!(least_correlated(&[&a]), None);
+        assert_eq!(least_correlated(&[&a, &[1.0; 4]]), None);
     }
 
     #[test]

@@ -134,6 +134,7 @@ pub fn page(data: &ReportData, files: &[String]) -> String {
 
     // Every comparison, by group in rank order (retrieval queries, few-shot queries).
     h.push_str("<h2 id=\"comparisons\">Comparisons</h2>\n");
+    h.push_str("<p id=\"controls\"><label>score at least <input id=\"min-score\" type=\"number\" step=\"any\"></label> <label>order <select id=\"order\"><option value=\"page\">as run (rank)</option><option value=\"desc\">score, highest first</option><option value=\"asc\">score, lowest first</option></select></label> <span id=\"shown\"></span></p>\n");
     let mut groups: Vec<(Option<&str>, Vec<&ReportRow>)> = Vec::new();
     for c in rows {
         match groups.iter_mut().find(|(g, _)| *g == c.group.as_deref()) {
@@ -172,7 +173,7 @@ pub fn page(data: &ReportData, files: &[String]) -> String {
                     )
                 })
                 .collect();
-            let maps: Vec<String> = files_of(files, "maps", &c.id)
+            let mut maps: Vec<String> = files_of(files, "maps", &c.id)
                 .iter()
                 .map(|f| {
                     let s = stem(f);
@@ -180,11 +181,20 @@ pub fn page(data: &ReportData, files: &[String]) -> String {
                     format!("<a href=\"{}\">{}.npy</a>", esc(f), esc(label))
                 })
                 .collect();
+            for f in files_of(files, "correspondence", &c.id) {
+                maps.push(format!("<a href=\"{}\">correspondence.npy</a>", esc(f)));
+            }
+            // The comparison's own page, where the html renderer wrote one.
+            let name = match files_of(files, "compare", &c.id).first() {
+                Some(f) => format!("<a href=\"{}\">{}</a>", esc(f), esc(&c.id)),
+                None => esc(&c.id),
+            };
             let _ = writeln!(
                 h,
-                "<tr>{}<td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{:.4}</td>{}<td>{}</td><td>{}</td></tr>",
+                "<tr data-score=\"{}\">{}<td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{:.4}</td>{}<td>{}</td><td>{}</td></tr>",
+                c.score,
                 opt_cell(has_rank, c.rank.map(|r| r.to_string()).unwrap_or_default()),
-                esc(&c.id),
+                name,
                 esc(&c.query),
                 esc(&c.reference),
                 c.score,
@@ -205,9 +215,41 @@ pub fn page(data: &ReportData, files: &[String]) -> String {
     let _ = writeln!(h, "{DATA_OPEN}{json}</script>");
     // Marks the page once every image has loaded (or failed), for the browser test.
     h.push_str("<script>addEventListener('load',()=>{const i=[...document.images];document.body.dataset.images=i.length;document.body.dataset.broken=i.filter(x=>!x.naturalWidth).length;});</script>\n");
+    h.push_str(CONTROLS);
     h.push_str("</body>\n</html>\n");
     h
 }
+
+/// Filters the comparison rows by score and orders them, within each table; the number
+/// shown is also `data-count` of `#shown`.
+const CONTROLS: &str = r#"<script>
+(() => {
+  const tables = [...document.querySelectorAll('table.comparisons')];
+  tables.forEach(t => [...t.querySelectorAll('tr[data-score]')].forEach((r, i) => r.dataset.order = i));
+  function update() {
+    const min = parseFloat(document.getElementById('min-score').value);
+    const order = document.getElementById('order').value;
+    let shown = 0;
+    for (const t of tables) {
+      const rows = [...t.querySelectorAll('tr[data-score]')];
+      const key = r => order === 'page' ? +r.dataset.order : (order === 'desc' ? -1 : 1) * +r.dataset.score;
+      rows.sort((a, b) => key(a) - key(b)).forEach(r => {
+        const keep = isNaN(min) || +r.dataset.score >= min;
+        r.style.display = keep ? '' : 'none';
+        shown += keep ? 1 : 0;
+        r.parentNode.appendChild(r);
+      });
+    }
+    const label = document.getElementById('shown');
+    label.dataset.count = shown;
+    label.textContent = `${shown} shown`;
+  }
+  document.getElementById('min-score').addEventListener('input', update);
+  document.getElementById('order').addEventListener('change', update);
+  update();
+})();
+</script>
+"#;
 
 #[cfg(test)]
 mod tests {

@@ -644,8 +644,10 @@ fn zoom(tile_width: u32) -> u32 {
     }
 }
 
-/// Maps whose every pair correlates above this are called near-identical.
-const NEAR_IDENTICAL: f32 = 0.95;
+/// Maps whose every pair correlates above this are called near-identical (the three maps
+/// of the cat against a cat, a cameraman and a motorcycle in `retrieval-imagenet.toml`
+/// correlate at 0.95 to 0.98).
+const NEAR_IDENTICAL: f32 = 0.9;
 
 /// The smallest Pearson correlation between any two of `maps` (same length), or `None` for
 /// fewer than two (or constant) maps.

@@ -148,35 +148,36 @@ pub fn locations(backbone: &dyn Backbone, f: &ImageFeatures, target: &Target) ->
 /// Correspondences are kept up to this many location pairs (a 32 x 32 map against another).
 pub const MAX_PAIRS: usize = 1 << 20;
 
-/// The correspondence of a query and a reference image: the score split over their pairs
-/// of locations. `target` is what the query's map explains; it must be the plain
-/// similarity to the reference image's embedding (no margin, no transform), and the metric
-/// must have an inner-product form, else `None`.
-pub fn correspondence(
-    backbone: &dyn Backbone,
-    similarity: &dyn Similarity,
+/// Whether a query and a reference image get a correspondence: `target` (what the query's
+/// map explains) must be the plain similarity to the reference image's embedding (no
+/// margin, no transform), within [`MAX_PAIRS`].
+pub fn has_correspondence(
     target: &Target,
     query: &ImageFeatures,
     reference: &ImageFeatures,
+) -> bool {
+    target.others.is_empty()
+        && target.transform == Transform::None
+        && query.height * query.width * reference.height * reference.width <= MAX_PAIRS
+        && target.reference == reference.embedding
+}
+
+/// The correspondence of a query and a reference image ([`has_correspondence`]) from their
+/// per-location vectors ([`locations`]): the score split over their pairs of locations, or
+/// `None` where the metric has no inner-product form.
+pub fn correspondence(
+    similarity: &dyn Similarity,
+    target: &Target,
+    query: &ImageFeatures,
+    e: &Locations,
+    r: &Locations,
 ) -> Result<Option<Correspondence>> {
-    if !target.others.is_empty() || target.transform != Transform::None {
-        return Ok(None);
-    }
-    let (nq, nr) = (
-        query.height * query.width,
-        reference.height * reference.width,
-    );
-    if nq * nr > MAX_PAIRS || target.reference != reference.embedding {
-        return Ok(None);
-    }
     let Some(form) = similarity.inner_product_form(&query.embedding, &target.reference)? else {
         return Ok(None);
     };
-    let e = locations(backbone, query, target)?;
-    let r = locations(backbone, reference, target)?;
     Ok(Some(Correspondence {
-        query_size: (query.height, query.width),
-        reference_size: (reference.height, reference.width),
-        pairs: pairs(&form, &e, &r)?,
+        query_size: (e.height, e.width),
+        reference_size: (r.height, r.width),
+        pairs: pairs(&form, e, r)?,
     }))
 }

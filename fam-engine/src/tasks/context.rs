@@ -91,8 +91,10 @@ impl TaskContext<'_> {
             )?);
         }
         let mut computed = all.into_iter();
-        // Each job's image is its row of `maps`.
+        // Each job's image is its row of `maps`; a row's per-location vectors are computed
+        // once, however many comparisons it is in (a query and its hits).
         let mut rows = jobs.iter().map(|j| j.image);
+        let mut located = std::collections::HashMap::new();
         for c in comparisons.iter_mut() {
             c.query.map = computed.next();
             let query_row = rows.next();
@@ -102,7 +104,7 @@ impl TaskContext<'_> {
                 reference_row = rows.next();
             }
             if let (Some(q), Some(r)) = (query_row, reference_row) {
-                c.correspondence = self.correspondence(maps, c, q, r);
+                c.correspondence = self.correspondence(maps, c, q, r, &mut located);
             }
         }
         Ok(())
@@ -117,21 +119,33 @@ impl TaskContext<'_> {
         c: &Comparison,
         query_row: usize,
         reference_row: usize,
+        located: &mut std::collections::HashMap<usize, fam_core::decompose::Locations>,
     ) -> Option<fam_core::records::Correspondence> {
         let (tq, tr) = (c.query.target.as_ref()?, c.reference.target.as_ref()?);
         if !tr.others.is_empty() || tr.transform != fam_core::records::Transform::None {
             return None;
         }
         let result = (|| {
-            use crate::locations::{correspondence, ImageFeatures};
+            use crate::locations::{correspondence, has_correspondence, locations, ImageFeatures};
             let q = ImageFeatures::from_batch(maps, query_row, tr.reference.clone())?;
             let r = ImageFeatures::from_batch(maps, reference_row, tq.reference.clone())?;
+            if !has_correspondence(tq, &q, &r) {
+                return Ok(None);
+            }
+            // Without a transform the vectors depend on the image alone (the target's
+            // reference only checks the split), so they are kept by row.
+            let backbone = self.session.backbone.as_ref();
+            for (row, f) in [(query_row, &q), (reference_row, &r)] {
+                if !located.contains_key(&row) {
+                    located.insert(row, locations(backbone, f, tq)?);
+                }
+            }
             correspondence(
-                self.session.backbone.as_ref(),
                 self.session.similarity.as_ref(),
                 tq,
                 &q,
-                &r,
+                &located[&query_row],
+                &located[&reference_row],
             )
         })();
         match result {

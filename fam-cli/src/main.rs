@@ -185,6 +185,11 @@ enum Command {
         /// Print the report as JSON on stdout instead of the table.
         #[arg(long)]
         json: bool,
+        /// Run nothing: read this saved eval.json, draw its figures again into the output
+        /// folder with the pipeline's renderers (the curves; not the maps, which it does not
+        /// keep) and print its table.
+        #[arg(long, value_name = "EVAL_JSON")]
+        replot: Option<PathBuf>,
     },
     /// Time the stages of an explanation per image (decode and preprocess, forward, FAM,
     /// rendering, end to end) for several batch sizes, with the pipeline's models.
@@ -601,6 +606,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             methods,
             rise_masks,
             json,
+            replot,
         } => {
             let (p, mut host) = open_pipeline(&pipeline, &cli.plugin_dirs)?;
             let opts = fam_engine::eval::EvalOptions {
@@ -621,7 +627,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 methods,
                 rise_masks: rise_masks.max(2),
             };
-            let report = fam_engine::eval::run_eval(&p, &mut host, &opts, &Bars::new(cli.quiet))?;
+            let report = match replot {
+                Some(saved) => fam_engine::eval::replot(&p, &mut host, &opts, &saved)?,
+                None => fam_engine::eval::run_eval(&p, &mut host, &opts, &Bars::new(cli.quiet))?,
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

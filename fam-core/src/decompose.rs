@@ -15,7 +15,10 @@
 //! `m_i = Σ_j P(i, j) = α e_i·r + β e_i·e + (γ ‖r‖² + δ) / N_e` (it needs only the other
 //! image's embedding, so it also explains a match against a prototype or a centroid).
 
+use candle_core::Tensor;
+
 use crate::error::{FamError, Result};
+use crate::records::{TopCorrespondence, TopShares};
 use crate::traits::InnerProductForm;
 
 /// Per-location vectors of one image: `n` locations (row-major over `h × w`) of `dim`
@@ -121,18 +124,30 @@ pub fn marginal(form: &InnerProductForm, e: &Locations, r: &[f32]) -> Result<Vec
         .collect())
 }
 
-/// `P(i, j)` for every location `i` of `e` and `j` of `r`, `[N_e, N_r]` row-major
-/// (`Σ_ij P = s`).
-pub fn pairs(form: &InnerProductForm, e: &Locations, r: &Locations) -> Result<Vec<f32>> {
+/// The terms of `P(i, j)` that depend on one side only: `P(i, j) = cross · e_i·r_j + a_i + b_j`
+/// with `a_i = self_e · e_i·e / N_r` and `b_j = self_r · r_j·r / N_e + constant / (N_e N_r)`
+/// (`(a, b)`), for computing the cross term in blocks elsewhere.
+pub fn pair_terms(
+    form: &InnerProductForm,
+    e: &Locations,
+    r: &Locations,
+) -> Result<(Vec<f32>, Vec<f32>)> {
     check(e, &vec![0.0; r.dim])?;
     let (ne, nr) = (e.len().max(1) as f32, r.len().max(1) as f32);
     let (te, tr) = (e.sum(), r.sum());
-    let self_e: Vec<f32> = (0..e.len())
+    let self_e = (0..e.len())
         .map(|i| form.self_e * dot(e.at(i), &te) / nr)
         .collect();
-    let self_r: Vec<f32> = (0..r.len())
+    let self_r = (0..r.len())
         .map(|j| form.self_r * dot(r.at(j), &tr) / ne + form.constant / (ne * nr))
         .collect();
+    Ok((self_e, self_r))
+}
+
+/// `P(i, j)` for every location `i` of `e` and `j` of `r`, `[N_e, N_r]` row-major
+/// (`Σ_ij P = s`).
+pub fn pairs(form: &InnerProductForm, e: &Locations, r: &Locations) -> Result<Vec<f32>> {
+    let (self_e, self_r) = pair_terms(form, e, r)?;
     let mut out = Vec::with_capacity(e.len() * r.len());
     for (i, se) in self_e.iter().enumerate() {
         let v = e.at(i);
@@ -141,6 +156,111 @@ pub fn pairs(form: &InnerProductForm, e: &Locations, r: &Locations) -> Result<Ve
         }
     }
     Ok(out)
+}
+
+/// Each location's `k` largest shares `P(i, j)` (and its whole share), for both images,
+/// without holding every pair: the cross terms come in blocks of query locations, one
+/// matrix product each.
+pub fn top_shares(
+    form: &InnerProductForm,
+    e: &Locations,
+    r: &Locations,
+    k: usize,
+) -> Result<TopCorrespondence> {
+    let (a, b) = pair_terms(form, e, r)?;
+    let (ne, nr, d) = (e.len(), r.len(), e.dim);
+    let (kq, kr) = (k.min(nr), k.min(ne));
+    let device = candle_core::Device::Cpu;
+    let rt = Tensor::from_slice(&r.data, (nr, d), &device)?
+        .t()?
+        .contiguous()?;
+    let mut query = TopShares {
+        index: Vec::with_capacity(ne * kq),
+        share: Vec::with_capacity(ne * kq),
+        total: Vec::with_capacity(ne),
+    };
+    // Per reference location: its kept (share, query location), and the smallest kept.
+    let mut columns: Vec<Vec<(f32, u32)>> = vec![Vec::with_capacity(kr); nr];
+    let mut column_min = vec![f32::NEG_INFINITY; nr];
+    let mut column_total = vec![0f64; nr];
+    const BLOCK: usize = 256;
+    let mut order: Vec<u32> = Vec::with_capacity(nr);
+    for start in (0..ne).step_by(BLOCK) {
+        let rows = BLOCK.min(ne - start);
+        let eb = Tensor::from_slice(&e.data[start * d..(start + rows) * d], (rows, d), &device)?;
+        let cross: Vec<f32> = eb.matmul(&rt)?.flatten_all()?.to_vec1()?;
+        for ii in 0..rows {
+            let i = start + ii;
+            let shares: Vec<f32> = cross[ii * nr..(ii + 1) * nr]
+                .iter()
+                .zip(&b)
+                .map(|(x, bj)| form.cross * x + a[i] + bj)
+                .collect();
+            query
+                .total
+                .push(shares.iter().map(|&v| v as f64).sum::<f64>() as f32);
+            order.clear();
+            order.extend(0..nr as u32);
+            let larger = |x: &u32, y: &u32| shares[*y as usize].total_cmp(&shares[*x as usize]);
+            if kq < nr {
+                order.select_nth_unstable_by(kq, larger);
+            }
+            order.truncate(kq);
+            order.sort_by(larger);
+            query.index.extend_from_slice(&order);
+            query
+                .share
+                .extend(order.iter().map(|&j| shares[j as usize]));
+            for (j, &v) in shares.iter().enumerate() {
+                column_total[j] += v as f64;
+                let kept = &mut columns[j];
+                if kept.len() < kr {
+                    kept.push((v, i as u32));
+                    if kept.len() == kr {
+                        column_min[j] = kept.iter().map(|x| x.0).fold(f32::INFINITY, f32::min);
+                    }
+                } else if v > column_min[j] {
+                    let low = (0..kept.len())
+                        .min_by(|&x, &y| kept[x].0.total_cmp(&kept[y].0))
+                        .unwrap_or(0);
+                    kept[low] = (v, i as u32);
+                    column_min[j] = kept.iter().map(|x| x.0).fold(f32::INFINITY, f32::min);
+                }
+            }
+        }
+    }
+    let mut reference = TopShares {
+        index: Vec::with_capacity(nr * kr),
+        share: Vec::with_capacity(nr * kr),
+        total: column_total.iter().map(|&t| t as f32).collect(),
+    };
+    for mut kept in columns {
+        kept.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+        reference.index.extend(kept.iter().map(|x| x.1));
+        reference.share.extend(kept.iter().map(|x| x.0));
+    }
+    // Both sides keep the same number per location, the smaller of the two.
+    let k = kq.min(kr);
+    Ok(TopCorrespondence {
+        k,
+        query: truncate_top(query, kq, k),
+        reference: truncate_top(reference, kr, k),
+    })
+}
+
+/// Keeps the first `k` of every location's `per` shares.
+fn truncate_top(t: TopShares, per: usize, k: usize) -> TopShares {
+    fn first<T: Copy>(v: &[T], per: usize, k: usize) -> Vec<T> {
+        v.chunks(per).flat_map(|c| c[..k].iter().copied()).collect()
+    }
+    if per == k {
+        return t;
+    }
+    TopShares {
+        index: first(&t.index, per, k),
+        share: first(&t.share, per, k),
+        total: t.total,
+    }
 }
 
 #[cfg(test)]
@@ -222,5 +342,69 @@ mod tests {
         assert_eq!(b.data, vec![1.0, -0.5, 2.0, 0.5]);
         assert_eq!(b.sum(), vec![3.0, 0.0]);
         assert!(Locations::new(1, 2, 2, vec![0.0; 3]).is_err());
+    }
+
+    #[test]
+    fn top_shares_are_the_largest_of_the_whole_correspondence() {
+        let (e, r) = (locs(9, 7, 5, 1), locs(6, 8, 5, 2));
+        for form in [
+            InnerProductForm {
+                cross: 0.3,
+                ..Default::default()
+            },
+            InnerProductForm {
+                cross: 2.0,
+                self_e: -1.0,
+                self_r: 0.5,
+                constant: 0.25,
+            },
+        ] {
+            let all = pairs(&form, &e, &r).unwrap();
+            let (ne, nr) = (e.len(), r.len());
+            let t = top_shares(&form, &e, &r, 5).unwrap();
+            assert_eq!(t.k, 5);
+            let largest = |mut v: Vec<(f32, u32)>| {
+                v.sort_by(|x, y| y.0.total_cmp(&x.0));
+                v.truncate(5);
+                v
+            };
+            for i in 0..ne {
+                let row: Vec<(f32, u32)> = (0..nr).map(|j| (all[i * nr + j], j as u32)).collect();
+                let want = largest(row.clone());
+                for (t_, (v, j)) in want.iter().enumerate() {
+                    assert_eq!(t.query.index[i * 5 + t_], *j, "row {i}");
+                    assert!((t.query.share[i * 5 + t_] - v).abs() < 1e-4);
+                }
+                let total: f32 = row.iter().map(|x| x.0).sum();
+                assert!((t.query.total[i] - total).abs() < 1e-3);
+            }
+            for j in 0..nr {
+                let col: Vec<(f32, u32)> = (0..ne).map(|i| (all[i * nr + j], i as u32)).collect();
+                let want = largest(col.clone());
+                for (t_, (v, i)) in want.iter().enumerate() {
+                    assert_eq!(t.reference.index[j * 5 + t_], *i, "column {j}");
+                    assert!((t.reference.share[j * 5 + t_] - v).abs() < 1e-4);
+                }
+                let total: f32 = col.iter().map(|x| x.0).sum();
+                assert!((t.reference.total[j] - total).abs() < 1e-3);
+            }
+            // The totals add up to the whole split, as the full matrix does.
+            let sum: f32 = all.iter().sum();
+            assert!((t.query.total.iter().sum::<f32>() - sum).abs() < 1e-2);
+            assert!((t.reference.total.iter().sum::<f32>() - sum).abs() < 1e-2);
+        }
+        // `k` above a side's size keeps everything there.
+        let t = top_shares(
+            &InnerProductForm {
+                cross: 1.0,
+                ..Default::default()
+            },
+            &locs(1, 2, 3, 3),
+            &locs(1, 3, 3, 4),
+            16,
+        )
+        .unwrap();
+        assert_eq!(t.k, 2);
+        assert_eq!((t.query.index.len(), t.reference.index.len()), (4, 6));
     }
 }

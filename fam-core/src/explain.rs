@@ -14,8 +14,8 @@ use crate::error::{CandleContext, FamError, Result};
 use crate::traits::Similarity;
 
 pub use crate::records::{
-    min_max, Comparison, Contrast, Explanation, ImageRecord, Map2, Rgb8, RunInfo, SaliencyMap,
-    Side, Target, Transform,
+    min_max, Comparison, Contrast, ContrastMap, Explanation, ImageRecord, Map2, Rgb8, RunInfo,
+    SaliencyMap, Side, Target, Transform,
 };
 
 /// How channel weights are derived from the similarity (DESIGN.md section 1.2).
@@ -120,6 +120,12 @@ pub fn fam_maps(
 
 /// The maps of [`fam_maps`] at feature resolution, `[P, h, w]`.
 pub fn fam_raw(maps: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    Ok(fam_linear(maps, weights)?.relu()?)
+}
+
+/// [`fam_raw`] before its ReLU: `Σ_k w_k A^k`, `[P, h, w]`. Linear in the weights, so maps
+/// of one image can be subtracted here (the contrast maps beside the plain ones).
+pub fn fam_linear(maps: &Tensor, weights: &Tensor) -> Result<Tensor> {
     let (p, c, h, w) = maps.dims4().ctx("feature maps must be [P, C, h, w]")?;
     let (pw, cw) = weights.dims2().ctx("weights must be [P, C]")?;
     if (pw, cw) != (p, c) {
@@ -132,7 +138,6 @@ pub fn fam_raw(maps: &Tensor, weights: &Tensor) -> Result<Tensor> {
     let raw = weights
         .matmul(&a)
         .ctx("weighted sum of activation maps")?
-        .relu()?
         .reshape((p, h, w))?;
     Ok(raw)
 }
@@ -271,6 +276,11 @@ pub fn spatial_contributions(maps: &Tensor, spatial_weights: &Tensor) -> Result<
 /// FAM maps through an affine head, at feature resolution: `M = ReLU(Σ_k C_k) / Σ|C|`,
 /// `[P, h, w]` (upsampled per map by the caller).
 pub fn fam_raw_spatial(maps: &Tensor, spatial_weights: &Tensor) -> Result<Tensor> {
+    Ok(fam_linear_spatial(maps, spatial_weights)?.relu()?)
+}
+
+/// [`fam_raw_spatial`] before its ReLU: `Σ_k C_k / Σ|C|`, `[P, h, w]`.
+pub fn fam_linear_spatial(maps: &Tensor, spatial_weights: &Tensor) -> Result<Tensor> {
     let (p, _, h, w) = maps.dims4().ctx("feature maps must be [P, C, h, w]")?;
     if spatial_weights.dims() != maps.dims() {
         return Err(FamError::invalid(format!(
@@ -284,7 +294,6 @@ pub fn fam_raw_spatial(maps: &Tensor, spatial_weights: &Tensor) -> Result<Tensor
     let denom = denom.maximum(f32::MIN_POSITIVE)?;
     let raw = c
         .sum(1)?
-        .relu()?
         .reshape((p, h * w))?
         .broadcast_div(&denom)?
         .reshape((p, h, w))?;

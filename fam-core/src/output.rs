@@ -36,6 +36,22 @@ pub fn npy_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
 /// the data that follows starts at a multiple of 64 bytes, so a memory map of the file can
 /// be read as `f32` in place.
 pub fn npy_f32_header(shape: &[usize]) -> Vec<u8> {
+    npy_header("<f4", shape)
+}
+
+/// A `.npy` file of little-endian u32 in C order (indices).
+pub fn npy_u32(shape: &[usize], data: &[u32]) -> Vec<u8> {
+    let mut out = npy_header("<u4", shape);
+    out.reserve(data.len() * 4);
+    for v in data {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// The header of a version 1.0 `.npy` file of `descr` values in C order, padded so that
+/// the data starts at a multiple of 64 bytes.
+fn npy_header(descr: &str, shape: &[usize]) -> Vec<u8> {
     let shape_txt = match shape {
         [n] => format!("({n},)"),
         _ => format!(
@@ -47,7 +63,8 @@ pub fn npy_f32_header(shape: &[usize]) -> Vec<u8> {
                 .join(", ")
         ),
     };
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_txt}, }}");
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_txt}, }}");
     // magic (6) + version (2) + header len (2) + header, padded to 64 bytes, ending in \n.
     let unpadded = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - unpadded % 64) % 64));

@@ -145,9 +145,24 @@ pub struct Side {
     pub image: Option<usize>,
     /// This side's map with respect to the other side.
     pub map: Option<SaliencyMap>,
+    /// Beside a plain `map`, the contrast map: where this match rests more than the image's
+    /// matches with the competing references do (its plain map before the ReLU as a share of
+    /// its total, minus the mean share of the others; docs/architecture.md). Retrieval gives
+    /// it to a query against each hit (the competitors: the query's other hits), few-shot
+    /// to a query against each class (the other classes), where `[explain] contrast_maps`
+    /// is on (the default).
+    pub contrast: Option<ContrastMap>,
     /// The score this side's map explains, as a function of its image's embedding (used by
     /// `fam-cli eval` to re-score modified images).
     pub target: Option<Target>,
+}
+
+/// A contrast map and what it contrasts against.
+#[derive(Debug, Clone)]
+pub struct ContrastMap {
+    pub map: SaliencyMap,
+    /// The competing references, for captions: `the other 4 hits`, `the other classes`.
+    pub against: String,
 }
 
 /// The score a map explains, as a function of the explained image's raw embedding `z`:
@@ -179,6 +194,7 @@ impl Side {
             label: label.into(),
             image: Some(index),
             map: None,
+            contrast: None,
             target: None,
         }
     }
@@ -195,6 +211,7 @@ impl Side {
             label: label.into(),
             image: None,
             map: None,
+            contrast: None,
             target: None,
         }
     }
@@ -220,6 +237,8 @@ pub struct Comparison {
 /// The score of a comparison split exactly over pairs of feature-map locations
 /// ([`crate::decompose::pairs`]): `pairs[i * n_r + j]` is the share of query location `i`
 /// (row-major over `query_size`) with reference location `j`; all shares add up to the score.
+/// A correspondence too large to keep whole keeps each location's largest shares instead
+/// (`top`; `pairs` is then empty).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Correspondence {
     /// `(height, width)` of the query's feature map.
@@ -227,24 +246,71 @@ pub struct Correspondence {
     /// `(height, width)` of the reference's feature map.
     pub reference_size: (usize, usize),
     pub pairs: Vec<f32>,
+    pub top: Option<TopCorrespondence>,
+}
+
+/// Each location's `k` largest shares of a correspondence, for both images.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopCorrespondence {
+    pub k: usize,
+    /// Per query location: its `k` largest shares with reference locations.
+    pub query: TopShares,
+    /// Per reference location: its `k` largest shares with query locations.
+    pub reference: TopShares,
+}
+
+/// `k` shares per location, largest first: `index[i * k + t]` is the other image's location
+/// (row-major) of location `i`'s `t`-th largest share `share[i * k + t]`; `total[i]` is the
+/// location's whole share (its row or column sum, over every pair, not only the kept ones).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TopShares {
+    pub index: Vec<u32>,
+    pub share: Vec<f32>,
+    pub total: Vec<f32>,
 }
 
 impl Correspondence {
-    /// The shares of query location `i` with every reference location (row `i`).
-    pub fn of_query(&self, i: usize) -> &[f32] {
+    /// The shares of query location `i` with every reference location (row `i`; with only
+    /// the top shares kept, 0 for the others).
+    pub fn of_query(&self, i: usize) -> Vec<f32> {
         let n = self.reference_size.0 * self.reference_size.1;
-        &self.pairs[i * n..(i + 1) * n]
+        match &self.top {
+            Some(t) => t.query.dense(i, t.k, n),
+            None => self.pairs[i * n..(i + 1) * n].to_vec(),
+        }
     }
 
-    /// The shares of every query location with reference location `j` (column `j`).
+    /// The shares of every query location with reference location `j` (column `j`; with
+    /// only the top shares kept, 0 for the others).
     pub fn of_reference(&self, j: usize) -> Vec<f32> {
         let n = self.reference_size.0 * self.reference_size.1;
-        self.pairs
-            .iter()
-            .skip(j)
-            .step_by(n.max(1))
-            .copied()
-            .collect()
+        match &self.top {
+            Some(t) => t
+                .reference
+                .dense(j, t.k, self.query_size.0 * self.query_size.1),
+            None => self
+                .pairs
+                .iter()
+                .skip(j)
+                .step_by(n.max(1))
+                .copied()
+                .collect(),
+        }
+    }
+}
+
+impl TopShares {
+    /// Location `i`'s kept shares over the `n` locations of the other image, 0 elsewhere.
+    fn dense(&self, i: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; n];
+        for t in i * k..(i + 1) * k {
+            if let (Some(&j), Some(&v)) = (self.index.get(t), self.share.get(t)) {
+                if let Some(o) = out.get_mut(j as usize) {
+                    *o = v;
+                }
+            }
+        }
+        out
     }
 }
 
@@ -287,8 +353,20 @@ impl Estimate {
     }
 }
 
+/// A mean curve over items (one value per step) with its pointwise 95% bootstrap band: at
+/// each step, the 2.5th and 97.5th percentiles of the mean over resamples of the items (the
+/// same resampled items for every step).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CurveEstimate {
+    pub mean: Vec<f32>,
+    pub lo: Vec<f32>,
+    pub hi: Vec<f32>,
+    /// Items the curve is the mean of.
+    pub n: usize,
+}
+
 /// The faithfulness of one method: each metric's mean over the items, with its interval.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MethodSummary {
     pub method: String,
     pub items: usize,
@@ -302,14 +380,18 @@ pub struct MethodSummary {
     /// where removing every pixel takes less than the eval's `min_range` of the score.
     pub deletion_auc_range: Estimate,
     pub insertion_auc_range: Estimate,
-    pub mean_deletion: Vec<f32>,
-    pub mean_insertion: Vec<f32>,
+    /// The mean `s_k / s` curves over the items with `s > 0`, step by step.
+    pub deletion_curve: CurveEstimate,
+    pub insertion_curve: CurveEstimate,
+    /// The mean rescaled curves, over the items whose rescaled areas are defined.
+    pub deletion_curve_range: CurveEstimate,
+    pub insertion_curve_range: CurveEstimate,
     /// Forward passes per map beyond the task's own (occlusion's patches, for example).
     pub passes_per_map: usize,
 }
 
-/// What `fam-cli eval` measured.
-#[derive(Debug, Clone, serde::Serialize)]
+/// What `fam-cli eval` measured (`eval.json`; read back by `fam-cli eval --replot`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct EvalReport {
     pub pipeline: String,
     pub backbone: String,

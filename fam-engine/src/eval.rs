@@ -21,7 +21,7 @@
 
 use fam_core::error::{FamError, Result};
 use fam_core::explain::Rgb8;
-use fam_core::records::Estimate;
+use fam_core::records::{CurveEstimate, Estimate};
 
 pub use crate::baselines::{centre_map, occlusion_map, random_map};
 use crate::scorer::chw;
@@ -51,6 +51,10 @@ pub struct Faithfulness {
     /// pixel does not lower the score by more than `min_range` (see [`faithfulness`]).
     pub deletion_auc_range: Option<f32>,
     pub insertion_auc_range: Option<f32>,
+    /// The rescaled curves `(s_k − s_blur) / (s − s_blur)`, where the rescaled areas are
+    /// defined.
+    pub deletion_range: Option<Vec<f32>>,
+    pub insertion_range: Option<Vec<f32>>,
 }
 
 /// A box blur (radius `r`, two passes: close to a Gaussian), the "removed" state of a pixel.
@@ -158,13 +162,7 @@ pub fn estimate(values: &[f32], undefined: usize, resamples: usize, seed: u64) -
         };
     }
     let mean = (values.iter().map(|&v| v as f64).sum::<f64>() / n as f64) as f32;
-    let mut state = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = resampler(seed);
     let mut means: Vec<f64> = (0..resamples.max(1))
         .map(|_| {
             (0..n)
@@ -182,6 +180,57 @@ pub fn estimate(values: &[f32], undefined: usize, resamples: usize, seed: u64) -
         n,
         undefined,
     }
+}
+
+/// The random source of the bootstrap: xorshift64 from a fixed seed, so reruns agree.
+fn resampler(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
+
+/// The mean of `curves` (one per item, all of one length) with its pointwise 95% bootstrap
+/// band: each resample draws items once and averages their whole curves, and each step's
+/// band is the 2.5th and 97.5th percentiles of that step's resampled means.
+pub fn curve_estimate(curves: &[&[f32]], resamples: usize, seed: u64) -> CurveEstimate {
+    let n = curves.len();
+    let len = curves.iter().map(|c| c.len()).max().unwrap_or(0);
+    if n == 0 || len == 0 {
+        return CurveEstimate::default();
+    }
+    let at = |c: &[f32], k: usize| c.get(k).copied().unwrap_or(f32::NAN) as f64;
+    let mean: Vec<f32> = (0..len)
+        .map(|k| (curves.iter().map(|c| at(c, k)).sum::<f64>() / n as f64) as f32)
+        .collect();
+    let mut next = resampler(seed);
+    let resamples = resamples.max(1);
+    // means[k][r]: step k's mean in resample r.
+    let mut means = vec![vec![0f64; resamples]; len];
+    let mut sum = vec![0f64; len];
+    for r in 0..resamples {
+        sum.iter_mut().for_each(|v| *v = 0.0);
+        for _ in 0..n {
+            let c = curves[(next() % n as u64) as usize];
+            for (k, v) in sum.iter_mut().enumerate() {
+                *v += at(c, k);
+            }
+        }
+        for (k, v) in sum.iter().enumerate() {
+            means[k][r] = v / n as f64;
+        }
+    }
+    let (mut lo, mut hi) = (Vec::with_capacity(len), Vec::with_capacity(len));
+    for m in &mut means {
+        m.sort_by(f64::total_cmp);
+        let q = |p: f64| m[((p * m.len() as f64) as usize).min(m.len() - 1)] as f32;
+        lo.push(q(0.025));
+        hi.push(q(0.975));
+    }
+    CurveEstimate { mean, lo, hi, n }
 }
 
 /// The area under a curve sampled at equal steps over [0, 1] (trapezoid rule).
@@ -249,6 +298,9 @@ pub fn faithfulness(
     let has_range = range > min_range.max(1e-6) * score.abs().max(blurred_score.abs()).max(1e-12);
     // AUCs are linear in the curve, so the rescaled areas follow from the raw ones.
     let (auc_del, auc_ins) = (auc(del_raw), auc(ins_raw));
+    let rescaled = |v: &[f32]| -> Option<Vec<f32>> {
+        has_range.then(|| v.iter().map(|&x| (x - blurred_score) / range).collect())
+    };
     Ok(Faithfulness {
         score,
         masked_score: masked,
@@ -261,6 +313,8 @@ pub fn faithfulness(
         insertion_auc: positive.then(|| auc_ins / score),
         deletion_auc_range: has_range.then(|| (auc_del - blurred_score) / range),
         insertion_auc_range: has_range.then(|| (auc_ins - blurred_score) / range),
+        deletion_range: rescaled(del_raw),
+        insertion_range: rescaled(ins_raw),
     })
 }
 
@@ -448,6 +502,36 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn curve_bands_are_the_step_intervals_of_the_mean_curve() {
+        // Step 0 is the same for every item (no spread); step 1 is a 0/1 variable with
+        // p = 0.3, whose band must match the scalar bootstrap's width; step 2 is step 1 + 1.
+        let n = 1000;
+        let items: Vec<Vec<f32>> = (0..n)
+            .map(|i| {
+                let b = if i % 10 < 3 { 1.0 } else { 0.0 };
+                vec![0.25, b, b + 1.0]
+            })
+            .collect();
+        let refs: Vec<&[f32]> = items.iter().map(|v| v.as_slice()).collect();
+        let c = curve_estimate(&refs, 2000, 3);
+        assert_eq!(c.n, n);
+        assert_eq!((c.mean[0], c.lo[0], c.hi[0]), (0.25, 0.25, 0.25));
+        assert!((c.mean[1] - 0.3).abs() < 1e-6 && (c.mean[2] - 1.3).abs() < 1e-6);
+        let half = 1.96 * (0.3f32 * 0.7 / n as f32).sqrt();
+        assert!(
+            (c.hi[1] - c.lo[1] - 2.0 * half).abs() < 0.25 * 2.0 * half,
+            "{c:?}"
+        );
+        // The same resampled items at every step: step 2's band is step 1's, moved by 1.
+        assert!((c.lo[2] - c.lo[1] - 1.0).abs() < 1e-5 && (c.hi[2] - c.hi[1] - 1.0).abs() < 1e-5);
+        for k in 0..3 {
+            assert!(c.lo[k] <= c.mean[k] && c.mean[k] <= c.hi[k]);
+        }
+        // No items: an empty curve, not NaNs.
+        assert_eq!(curve_estimate(&[], 100, 1), CurveEstimate::default());
+    }
+
+    #[test]
     fn mean_removal_fills_the_image_with_its_mean_colour() {
         let img = Rgb8 {
             width: 2,
@@ -585,6 +669,8 @@ pub fn run_eval(
     if let Some(m) = &opts.metric {
         p.pipeline.similarity.kind = m.clone();
     }
+    // The eval scores each side's map; the contrast maps beside them would go unused.
+    p.pipeline.explain.contrast_maps = false;
     if let Some(c) = opts.contrast {
         match &mut p.pipeline.task {
             TaskSection::FewShot { contrast, .. } => *contrast = c,
@@ -594,13 +680,7 @@ pub fn run_eval(
         }
     }
     let p = &p;
-    let output = opts
-        .run
-        .output
-        .clone()
-        .unwrap_or_else(|| p.pipeline.run.output.clone());
-    let session = crate::run::Session::open(p, host, &opts.run)?;
-    let mut out = crate::output::OutputDir::create(&output)?;
+    let (session, mut out, output) = open_eval(p, host, opts)?;
     let methods = methods(
         &p.pipeline.task,
         opts.skip_occlusion,
@@ -835,16 +915,68 @@ pub fn run_eval(
         examples,
     };
     use crate::output::OutputSink;
-    for r in &session.renderers {
-        out.set_writer(&r.name());
-        r.render_eval(&report, &mut out)?;
-    }
+    render_eval(&session, &mut out, &report)?;
     out.set_writer("fam eval");
     out.write(
         "eval.json",
         &serde_json::to_vec_pretty(&report).map_err(|e| FamError::invalid(e.to_string()))?,
     )?;
     Ok(report)
+}
+
+/// Reads a saved `eval.json` and draws its figures again with the pipeline's renderers into
+/// the output folder (no model runs): `fam-cli eval --replot`. The figure of scored maps
+/// needs the maps, which `eval.json` does not keep, so only the curves are drawn.
+pub fn replot(
+    p: &crate::pipeline::LoadedPipeline,
+    host: &mut crate::loader::PluginHost,
+    opts: &EvalOptions,
+    saved: &std::path::Path,
+) -> Result<EvalReport> {
+    let bytes = std::fs::read(saved).map_err(|e| FamError::io(saved, e))?;
+    let report: EvalReport = serde_json::from_slice(&bytes).map_err(|e| {
+        FamError::invalid(format!(
+            "{}: not an eval.json of this version of fam ({e})",
+            saved.display()
+        ))
+    })?;
+    let (session, mut out, _) = open_eval(p, host, opts)?;
+    render_eval(&session, &mut out, &report)?;
+    Ok(report)
+}
+
+/// The plugins' objects and the output folder of an eval (`--output`, or the pipeline's),
+/// with its path.
+fn open_eval(
+    p: &crate::pipeline::LoadedPipeline,
+    host: &mut crate::loader::PluginHost,
+    opts: &EvalOptions,
+) -> Result<(
+    crate::run::Session,
+    crate::output::OutputDir,
+    std::path::PathBuf,
+)> {
+    let output = opts
+        .run
+        .output
+        .clone()
+        .unwrap_or_else(|| p.pipeline.run.output.clone());
+    let session = crate::run::Session::open(p, host, &opts.run)?;
+    let out = crate::output::OutputDir::create(&output)?;
+    Ok((session, out, output))
+}
+
+/// Every renderer draws the report (the `panel` renderer: `eval-curves.png`, `eval-maps.png`).
+fn render_eval(
+    session: &crate::run::Session,
+    out: &mut crate::output::OutputDir,
+    report: &EvalReport,
+) -> Result<()> {
+    for r in &session.renderers {
+        out.set_writer(&r.name());
+        r.render_eval(report, out)?;
+    }
+    Ok(())
 }
 
 /// Occlusion's patches per map: a 7x7 grid of side/7 squares (more where side/7 rounds
@@ -875,16 +1007,13 @@ fn summarize(
     passes_per_map: usize,
 ) -> MethodSummary {
     let pos: Vec<&Faithfulness> = fs.iter().filter(|f| f.score > 0.0).collect();
-    let np = pos.len().max(1) as f32;
-    let mean_curve = |get: &dyn Fn(&Faithfulness) -> &Vec<f32>| -> Vec<f32> {
-        (0..=steps)
-            .map(|k| {
-                pos.iter()
-                    .map(|f| get(f).get(k).copied().unwrap_or(0.0))
-                    .sum::<f32>()
-                    / np
-            })
-            .collect()
+    let curve = |seed: u64, get: &dyn Fn(&Faithfulness) -> Option<&[f32]>| {
+        let curves: Vec<&[f32]> = fs
+            .iter()
+            .filter_map(get)
+            .filter(|c| c.len() == steps + 1)
+            .collect();
+        curve_estimate(&curves, resamples, seed)
     };
     // Each metric gets its own seed, so that two metrics' intervals are not resampled alike.
     let est = |seed: u64, get: &dyn Fn(&Faithfulness) -> Option<f32>| {
@@ -901,8 +1030,10 @@ fn summarize(
         insertion_auc: est(4, &|f| f.insertion_auc),
         deletion_auc_range: est(5, &|f| f.deletion_auc_range),
         insertion_auc_range: est(6, &|f| f.insertion_auc_range),
-        mean_deletion: mean_curve(&|f| &f.deletion),
-        mean_insertion: mean_curve(&|f| &f.insertion),
+        deletion_curve: curve(7, &|f| (f.score > 0.0).then_some(f.deletion.as_slice())),
+        insertion_curve: curve(8, &|f| (f.score > 0.0).then_some(f.insertion.as_slice())),
+        deletion_curve_range: curve(9, &|f| f.deletion_range.as_deref()),
+        insertion_curve_range: curve(10, &|f| f.insertion_range.as_deref()),
         passes_per_map,
     }
 }

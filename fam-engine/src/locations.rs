@@ -3,7 +3,7 @@
 //! ([`fam_core::decompose`]). The eval baselines of Stylianou and Zhu use the same vectors.
 
 use fam_core::candle::{DType, Tensor};
-use fam_core::decompose::{pairs, Locations};
+use fam_core::decompose::{pairs, top_shares, Locations};
 use fam_core::error::{FamError, Result};
 use fam_core::explain::Target;
 use fam_core::records::{Correspondence, Transform};
@@ -145,12 +145,20 @@ pub fn locations(backbone: &dyn Backbone, f: &ImageFeatures, target: &Target) ->
     raw.affine(&offset, scale)
 }
 
-/// Correspondences are kept up to this many location pairs (a 32 x 32 map against another).
+/// Correspondences are kept whole up to this many location pairs (a 32 x 32 map against
+/// another); larger ones keep each location's [`TOP_K`] largest shares.
 pub const MAX_PAIRS: usize = 1 << 20;
+
+/// Shares kept per location of a correspondence larger than [`MAX_PAIRS`].
+pub const TOP_K: usize = 16;
+
+/// No correspondence beyond this many pairs (a 128 x 128 map against another): the cross
+/// products alone would cost more than the run.
+pub const MAX_TOP_PAIRS: usize = 1 << 28;
 
 /// Whether a query and a reference image get a correspondence: `target` (what the query's
 /// map explains) must be the plain similarity to the reference image's embedding (no
-/// margin, no transform), within [`MAX_PAIRS`].
+/// margin, no transform), within [`MAX_TOP_PAIRS`].
 pub fn has_correspondence(
     target: &Target,
     query: &ImageFeatures,
@@ -158,13 +166,14 @@ pub fn has_correspondence(
 ) -> bool {
     target.others.is_empty()
         && target.transform == Transform::None
-        && query.height * query.width * reference.height * reference.width <= MAX_PAIRS
+        && query.height * query.width * reference.height * reference.width <= MAX_TOP_PAIRS
         && target.reference == reference.embedding
 }
 
 /// The correspondence of a query and a reference image ([`has_correspondence`]) from their
-/// per-location vectors ([`locations`]): the score split over their pairs of locations, or
-/// `None` where the metric has no inner-product form.
+/// per-location vectors ([`locations`]): the score split over their pairs of locations,
+/// whole up to [`MAX_PAIRS`] pairs and as each location's [`TOP_K`] largest shares beyond,
+/// or `None` where the metric has no inner-product form.
 pub fn correspondence(
     similarity: &dyn Similarity,
     target: &Target,
@@ -175,9 +184,15 @@ pub fn correspondence(
     let Some(form) = similarity.inner_product_form(&query.embedding, &target.reference)? else {
         return Ok(None);
     };
+    let (pairs, top) = if e.len() * r.len() <= MAX_PAIRS {
+        (pairs(&form, e, r)?, None)
+    } else {
+        (Vec::new(), Some(top_shares(&form, e, r, TOP_K)?))
+    };
     Ok(Some(Correspondence {
         query_size: (e.height, e.width),
         reference_size: (r.height, r.width),
-        pairs: pairs(&form, e, r)?,
+        pairs,
+        top,
     }))
 }

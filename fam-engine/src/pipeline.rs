@@ -82,11 +82,29 @@ pub struct PluginRef {
     pub options: Options,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExplainSection {
     #[serde(default)]
     pub weighting: Weighting,
+    /// Beside each plain map of a query against one of several references (retrieval hits,
+    /// few-shot classes), its contrast map against the other references (DESIGN.md §1.2).
+    /// On by default; a few extra maps, no extra forward pass.
+    #[serde(default = "yes")]
+    pub contrast_maps: bool,
+}
+
+impl Default for ExplainSection {
+    fn default() -> Self {
+        Self {
+            weighting: Weighting::default(),
+            contrast_maps: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]

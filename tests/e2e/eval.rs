@@ -50,10 +50,31 @@ fn eval_scores_fam_and_the_baselines() {
     let s = &report["summaries"][0];
     assert_eq!(s["method"], "fam");
     assert_eq!(s["items"], 2);
-    // Curves start at the unmodified score (1 after normalization) and have steps + 1 points.
-    let del = s["mean_deletion"].as_array().unwrap();
-    assert_eq!(del.len(), 5);
-    assert!((del[0].as_f64().unwrap() - 1.0).abs() < 1e-5);
+    // Curves start at the unmodified score (1 after normalization) and have steps + 1 points,
+    // each inside its band; the rescaled curves start at 1 too.
+    for key in ["deletion_curve", "deletion_curve_range"] {
+        let curve = &s[key];
+        let values = |k: &str| -> Vec<f64> {
+            curve[k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect()
+        };
+        let (mean, lo, hi) = (values("mean"), values("lo"), values("hi"));
+        if curve["n"].as_u64().unwrap() == 0 {
+            continue;
+        }
+        assert_eq!(mean.len(), 5, "{key}");
+        assert!((mean[0] - 1.0).abs() < 1e-5, "{key}: {mean:?}");
+        for k in 0..5 {
+            assert!(
+                lo[k] <= mean[k] + 1e-6 && mean[k] <= hi[k] + 1e-6,
+                "{key}: {curve}"
+            );
+        }
+    }
     let auc = &s["insertion_auc"];
     let (mean, lo, hi) = (
         auc["mean"].as_f64().unwrap(),
@@ -67,6 +88,39 @@ fn eval_scores_fam_and_the_baselines() {
         2
     );
     assert_eq!(report["removal"], "blur");
+
+    // `--replot` draws the curves again from eval.json, runs nothing, prints the same table.
+    let again = out.join("replot");
+    let r2 = run(fam()
+        .args(["eval", "pipelines/quickstart.toml", "--replot"])
+        .arg(out.join("eval.json"))
+        .arg("--output")
+        .arg(&again)
+        .current_dir(root()));
+    assert_eq!(r2.code, 0, "{}", r2.stderr);
+    assert_eq!(r2.stdout, r.stdout);
+    assert_eq!(
+        std::fs::read(again.join("eval-curves.png")).unwrap(),
+        std::fs::read(out.join("eval-curves.png")).unwrap()
+    );
+    assert!(!again.join("eval-maps.png").exists());
+    // Something that is no eval.json is an error naming the file.
+    let r3 = run(fam()
+        .args([
+            "eval",
+            "pipelines/quickstart.toml",
+            "--replot",
+            "pipelines/quickstart.toml",
+        ])
+        .arg("--output")
+        .arg(&again)
+        .current_dir(root()));
+    assert_eq!(r3.code, 2, "{}", r3.stderr);
+    assert!(
+        r3.stderr.contains("quickstart.toml: not an eval.json"),
+        "{}",
+        r3.stderr
+    );
 }
 
 /// ProtoNet compares queries with prototypes: eval re-scores the query against the margin of

@@ -3,6 +3,16 @@
 
 use crate::util::*;
 
+/// The classes of an `episode.json`.
+fn classes(ep: &serde_json::Value) -> Vec<&str> {
+    ep["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect()
+}
+
 fn run_pipeline(name: &str, out: &std::path::Path) {
     let r = run(fam()
         .arg("run")
@@ -153,12 +163,7 @@ fn protonet_classifies_novel_fashion_classes() {
     let ep = json(&out.join("episode.json"));
     let acc = ep["accuracy"].as_f64().unwrap();
     println!("ProtoNet Fashion-MNIST episode accuracy {acc}");
-    let classes: Vec<&str> = ep["classes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_str().unwrap())
-        .collect();
+    let classes = classes(&ep);
     assert_eq!(classes, ["ankle_boot", "bag", "sandal", "shirt", "sneaker"]);
     // Measured: 37/50 (chance 10/50).
     assert!(
@@ -180,4 +185,71 @@ fn protonet_classifies_novel_fashion_classes() {
             "{stem}: one map for all"
         );
     }
+}
+
+/// With `contrast = "none"`, each query's plain map against a class gets its contrast map
+/// beside it (`[explain] contrast_maps`, on by default): the plain map as a share of its
+/// total minus the query's mean share against the other classes, before the ReLU. Not beside the maps of a
+/// `contrast = "others"` run (they are contrasts already), nor when switched off.
+#[test]
+fn contrast_maps_stand_beside_plain_maps() {
+    let root = root();
+    let text = std::fs::read_to_string(root.join("pipelines/fewshot-digits.toml"))
+        .unwrap()
+        .replace("\"../", &format!("\"{}/", root.display()));
+    let dir = scratch("fewshot-contrast-maps");
+    let plain_text = text.replace("contrast = \"others\"", "contrast = \"none\"");
+    let off_text = plain_text.replace("[task]", "[explain]\ncontrast_maps = false\n\n[task]");
+    for (name, text) in [
+        ("others", &text),
+        ("plain", &plain_text),
+        ("off", &off_text),
+    ] {
+        let p = dir.join(format!("{name}.toml"));
+        std::fs::write(&p, text).unwrap();
+        let r = run(fam().arg("run").arg(&p).arg("--output").arg(dir.join(name)));
+        assert_eq!(r.code, 0, "{name}: {}", r.stderr);
+    }
+    let ep = json(&dir.join("plain/episode.json"));
+    let classes = classes(&ep);
+    let (mut checked, mut differ) = (0, 0);
+    for p in ep["predictions"].as_array().unwrap() {
+        let q = std::path::Path::new(p["query"].as_str().unwrap());
+        let stem = q.file_stem().unwrap().to_string_lossy().into_owned();
+        let load = |run: &str, id: &str, tag: &str| {
+            read_npy(&dir.join(format!("{run}/maps/{id}_{tag}_raw.npy"))).1
+        };
+        let ids: Vec<String> = classes
+            .iter()
+            .map(|c| format!("{stem}_class-{c}"))
+            .collect();
+        let plain: Vec<Vec<f32>> = ids.iter().map(|id| load("plain", id, "a")).collect();
+        // Where no plain map of this query is clipped by its ReLU, the contrast maps follow
+        // from them exactly: shares of their totals, minus the other classes' mean share.
+        let unclipped = plain.iter().flatten().all(|v| *v > 0.0);
+        let shares = shares(&plain);
+        for (i, id) in ids.iter().enumerate() {
+            let contrast = load("plain", id, "a_contrast");
+            assert_eq!(contrast.len(), 49);
+            differ += usize::from(contrast != plain[i]);
+            if unclipped {
+                for k in 0..49 {
+                    let others: f32 = (0..5).filter(|&j| j != i).map(|j| shares[j][k]).sum();
+                    let want = (shares[i][k] - others / 4.0).max(0.0);
+                    assert!((contrast[k] - want).abs() < 1e-6, "{id} at {k}");
+                }
+                checked += 1;
+            }
+            assert!(dir.join(format!("off/maps/{id}_a_raw.npy")).is_file());
+            assert!(!dir
+                .join(format!("off/maps/{id}_a_contrast_raw.npy"))
+                .exists());
+            assert!(!dir
+                .join(format!("others/maps/{id}_a_contrast_raw.npy"))
+                .exists());
+        }
+    }
+    println!("{checked} contrast maps checked exactly; {differ} of 250 differ from the plain maps");
+    assert!(checked > 0, "no query whose plain maps are all unclipped");
+    assert!(differ > 200, "{differ}");
 }

@@ -2,22 +2,6 @@
 
 use crate::util::*;
 
-fn pearson(a: &[f32], b: &[f32]) -> f64 {
-    let n = a.len() as f64;
-    let (ma, mb) = (
-        a.iter().map(|&x| x as f64).sum::<f64>() / n,
-        b.iter().map(|&x| x as f64).sum::<f64>() / n,
-    );
-    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
-    for (&x, &y) in a.iter().zip(b) {
-        let (dx, dy) = (x as f64 - ma, y as f64 - mb);
-        sab += dx * dy;
-        saa += dx * dx;
-        sbb += dy * dy;
-    }
-    sab / (saa * sbb).sqrt()
-}
-
 #[test]
 fn quickstart_writes_every_output_and_the_maps_make_sense() {
     let out = scratch("quickstart");

@@ -114,28 +114,24 @@ fn the_report_renders_in_chromium_with_every_panel() {
     );
 }
 
-/// Which part matches which: a photo and its copy moved right by 64 px (two cells of the
-/// 7 x 7 feature map at 224 px). The correspondence is written as `.npy` and adds up to the
-/// score; on the comparison's own page a click on one image moves the other image's overlay
-/// to where the shift says the clicked location went, both ways.
-#[test]
-fn the_correspondence_follows_a_known_shift_in_chromium() {
-    let dir = scratch("correspondence");
+/// A photo (square, `side` px) and its copy moved right by 64 px, grey where nothing moved
+/// in, run as a pair at exactly `side` px; returns the run's output folder.
+fn shifted_pair(dir: &Path, side: u32) -> std::path::PathBuf {
     let cat = image::open(image("chelsea.png")).unwrap().to_rgb8();
-    let side = cat.width().min(cat.height());
+    let crop = cat.width().min(cat.height());
     let square = image::imageops::crop_imm(
         &cat,
-        (cat.width() - side) / 2,
-        (cat.height() - side) / 2,
-        side,
-        side,
+        (cat.width() - crop) / 2,
+        (cat.height() - crop) / 2,
+        crop,
+        crop,
     )
     .to_image();
-    let a = image::imageops::resize(&square, 224, 224, image::imageops::FilterType::Triangle);
-    let mut b = image::RgbImage::from_pixel(224, 224, image::Rgb([128, 128, 128]));
+    let a = image::imageops::resize(&square, side, side, image::imageops::FilterType::Triangle);
+    let mut b = image::RgbImage::from_pixel(side, side, image::Rgb([128, 128, 128]));
     image::imageops::replace(
         &mut b,
-        &image::imageops::crop_imm(&a, 0, 0, 160, 224).to_image(),
+        &image::imageops::crop_imm(&a, 0, 0, side - 64, side).to_image(),
         64,
         0,
     );
@@ -143,47 +139,34 @@ fn the_correspondence_follows_a_known_shift_in_chromium() {
     a.save(&pa).unwrap();
     b.save(&pb).unwrap();
     let p = write_pipeline(
-        &dir,
+        dir,
         "plugin = \"metrics\"\nkind = \"cosine\"",
         "contribution",
         &[(pa.as_path(), pb.as_path())],
         &["npy", "scores", "html"],
     );
-    // Plain resizing to 224 px, so that 64 px are exactly two cells.
+    // Plain resizing to the side, so that 64 px are exactly two cells (32 px each).
     let mut text = std::fs::read_to_string(&p).unwrap();
-    text.push_str("\n[preprocess]\nwidth = 224\nheight = 224\n");
+    text.push_str(&format!(
+        "\n[preprocess]\nwidth = {side}\nheight = {side}\n"
+    ));
     std::fs::write(&p, text).unwrap();
     let r = run(fam().args(["-q", "run"]).arg(&p));
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let out = dir.join("out");
-    let id = "pair-01_a_vs_b";
+    dir.join("out")
+}
 
-    // The data: [7, 7, 7, 7], adding up to the score.
-    let bytes = std::fs::read(out.join(format!("correspondence/{id}.npy"))).unwrap();
-    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    let header = String::from_utf8_lossy(&bytes[10..10 + header_len]);
-    assert!(header.contains("'shape': (7, 7, 7, 7)"), "{header}");
-    let values: Vec<f32> = bytes[10 + header_len..]
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    let scores = json(&out.join("scores.json"));
-    let score = scores["comparisons"][0]["score"].as_f64().unwrap() as f32;
-    let total: f32 = values.iter().sum();
-    assert!((total - score).abs() < 1e-3, "{total} vs {score}");
-    // The run's page links the comparison's page and the data.
-    let index = std::fs::read_to_string(out.join("index.html")).unwrap();
-    assert!(index.contains(&format!("href=\"compare/{id}.html\"")));
-    assert!(index.contains(&format!("href=\"correspondence/{id}.npy\"")));
-
-    // Clicks, dispatched on the page's images from a page that frames it.
-    let cells = [
-        ("query", 3, 1),
-        ("query", 3, 2),
-        ("query", 3, 3),
-        ("reference", 3, 4),
-        ("reference", 3, 5),
-    ];
+/// Clicks on the comparison's page (`grid` cells a side), dispatched from a page that frames
+/// it; each click gives `side:row,col>other:row,col` (the chosen cell and the other image's
+/// peak), with ` unchanged` where the other image's overlay did not change. Also sets a
+/// minimum score above every score on the run's page and returns the count shown before
+/// and after (`1>0`).
+fn click(
+    out: &Path,
+    id: &str,
+    grid: usize,
+    cells: &[(&str, usize, usize)],
+) -> (Vec<String>, String) {
     let clicks: Vec<String> = cells
         .iter()
         .map(|(s, r, c)| format!("['{s}', {r}, {c}]"))
@@ -199,7 +182,7 @@ document.getElementById('f').addEventListener('load', () => {{
   for (const [side, row, col] of [{}]) {{
     const el = d.getElementById(side), r = el.getBoundingClientRect();
     const before = d.getElementById(side === 'query' ? 'reference-overlay' : 'query-overlay').toDataURL();
-    el.dispatchEvent(new MouseEvent('click', {{bubbles: true, clientX: r.left + (col + 0.5) * r.width / 7, clientY: r.top + (row + 0.5) * r.height / 7}}));
+    el.dispatchEvent(new MouseEvent('click', {{bubbles: true, clientX: r.left + (col + 0.5) * r.width / {grid}, clientY: r.top + (row + 0.5) * r.height / {grid}}}));
     const after = d.getElementById(side === 'query' ? 'reference-overlay' : 'query-overlay').toDataURL();
     res.push(d.body.dataset.selected + '>' + d.body.dataset.peak + (after !== before ? '' : ' unchanged'));
   }}
@@ -228,24 +211,138 @@ document.getElementById('f').addEventListener('load', () => {{
         &driver,
     );
     let dom = String::from_utf8_lossy(&dom.stdout);
-    let result = dom
-        .split("data-result=\"")
-        .nth(1)
-        .and_then(|r| r.split('"').next())
-        .unwrap_or_else(|| panic!("the clicks left no result:\n{dom}"))
-        .replace("&gt;", ">");
-    // A minimum score above every score hides the one comparison.
-    assert!(dom.contains("data-filtered=\"1&gt;0\""), "{dom}");
-    let results: Vec<&str> = result.split(';').collect();
-    assert_eq!(results.len(), cells.len(), "{result}");
-    for ((side, row, col), got) in cells.iter().zip(&results) {
-        // Query column c went to column c + 2 of the reference, and back.
+    let attr = |name: &str| {
+        dom.split(&format!("data-{name}=\""))
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or_else(|| panic!("the clicks left no {name}:\n{dom}"))
+            .replace("&gt;", ">")
+    };
+    let results = attr("result").split(';').map(String::from).collect();
+    (results, attr("filtered"))
+}
+
+/// Each click's peak in the other image is where the 2-cell shift to the right says.
+fn assert_follows_the_shift(cells: &[(&str, usize, usize)], results: &[String]) {
+    assert_eq!(results.len(), cells.len(), "{results:?}");
+    for ((side, row, col), got) in cells.iter().zip(results) {
         let (other, want) = if *side == "query" {
             ("reference", (*row, col + 2))
         } else {
             ("query", (*row, col - 2))
         };
         let expected = format!("{side}:{row},{col}>{other}:{},{}", want.0, want.1);
-        assert_eq!(*got, expected, "all clicks: {result}");
+        assert_eq!(*got, expected, "all clicks: {results:?}");
     }
+}
+
+/// Which part matches which: a photo and its copy moved right by 64 px (two cells of the
+/// 7 x 7 feature map at 224 px). The correspondence is written as `.npy` and adds up to the
+/// score; on the comparison's own page a click on one image moves the other image's overlay
+/// to where the shift says the clicked location went, both ways.
+#[test]
+fn the_correspondence_follows_a_known_shift_in_chromium() {
+    let dir = scratch("correspondence");
+    let out = shifted_pair(&dir, 224);
+    let id = "pair-01_a_vs_b";
+
+    // The data: [7, 7, 7, 7], adding up to the score.
+    let (shape, values) = read_npy(&out.join(format!("correspondence/{id}.npy")));
+    assert_eq!(shape, vec![7, 7, 7, 7]);
+    let scores = json(&out.join("scores.json"));
+    let score = scores["comparisons"][0]["score"].as_f64().unwrap() as f32;
+    let total: f32 = values.iter().sum();
+    assert!((total - score).abs() < 1e-3, "{total} vs {score}");
+    // The run's page links the comparison's page and the data.
+    let index = std::fs::read_to_string(out.join("index.html")).unwrap();
+    assert!(index.contains(&format!("href=\"compare/{id}.html\"")));
+    assert!(index.contains(&format!("href=\"correspondence/{id}.npy\"")));
+
+    let cells = [
+        ("query", 3, 1),
+        ("query", 3, 2),
+        ("query", 3, 3),
+        ("reference", 3, 4),
+        ("reference", 3, 5),
+    ];
+    let (results, filtered) = click(&out, id, 7, &cells);
+    // A minimum score above every score hides the one comparison.
+    assert_eq!(filtered, "1>0");
+    assert_follows_the_shift(&cells, &results);
+    // A location in the address is chosen when the page opens.
+    let linked = out.join(format!("compare/{id}.html#query=3,2"));
+    let dom = browser(&["--virtual-time-budget=5000", "--dump-dom"], &linked);
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(
+        dom.contains("data-selected=\"query:3,2\"") && dom.contains("data-peak=\"reference:3,4\""),
+        "{dom}"
+    );
+}
+
+/// A correspondence too large to keep whole (33 x 33 locations a side at 1056 px: 1.19
+/// million pairs) keeps each location's 16 largest shares, in `.npy` files and on the page,
+/// and still follows the shift.
+#[test]
+fn a_large_correspondence_keeps_the_top_shares_and_follows_the_shift() {
+    let dir = scratch("correspondence-large");
+    let out = shifted_pair(&dir, 1056);
+    let id = "pair-01_a_vs_b";
+    assert!(!out.join(format!("correspondence/{id}.npy")).exists());
+    let file =
+        |side: &str, what: &str| out.join(format!("correspondence/{id}_top_{side}_{what}.npy"));
+    let (shape, share) = read_npy(&file("query", "share"));
+    assert_eq!(shape, vec![33, 33, 16]);
+    let (shape, total) = read_npy(&file("query", "total"));
+    assert_eq!(shape, vec![33, 33]);
+    // The whole shares add up to the score; each location's kept shares come largest first.
+    let scores = json(&out.join("scores.json"));
+    let score = scores["comparisons"][0]["score"].as_f64().unwrap() as f32;
+    let sum: f32 = total.iter().sum();
+    assert!((sum - score).abs() < 1e-3, "{sum} vs {score}");
+    assert!(share.chunks(16).all(|c| c.windows(2).all(|w| w[0] >= w[1])));
+    let (_, rtotal) = read_npy(&file("reference", "total"));
+    assert!((rtotal.iter().sum::<f32>() - score).abs() < 1e-3);
+    // The indices: u32, within the other image's 33 x 33 locations.
+    let bytes = std::fs::read(file("query", "index")).unwrap();
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    assert!(String::from_utf8_lossy(&bytes[10..10 + header_len]).contains("'descr': '<u4'"));
+    let index: Vec<u32> = bytes[10 + header_len..]
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(index.len(), 33 * 33 * 16);
+    assert!(index.iter().all(|&j| j < 33 * 33));
+    let page = std::fs::read_to_string(out.join(format!("compare/{id}.html"))).unwrap();
+    assert!(page.contains("keeps each location's 16 largest shares"));
+    let cells = [
+        ("query", 16, 12),
+        ("query", 16, 14),
+        ("reference", 16, 18),
+        ("reference", 16, 20),
+    ];
+    let (results, _) = click(&out, id, 33, &cells);
+    // At 33 x 33 a location's neighbours share most of its receptive field, and only its 16
+    // largest shares are kept: each peak within a cell of the shifted location, most on it.
+    let mut exact = 0;
+    for ((side, row, col), got) in cells.iter().zip(&results) {
+        let (other, want) = if *side == "query" {
+            ("reference", col + 2)
+        } else {
+            ("query", col - 2)
+        };
+        let peak = got
+            .strip_prefix(&format!("{side}:{row},{col}>{other}:"))
+            .unwrap_or_else(|| panic!("{got}: all clicks {results:?}"));
+        let (r, c) = peak.split_once(',').unwrap();
+        let (r, c): (usize, usize) = (r.parse().unwrap(), c.parse().unwrap());
+        assert!(
+            r.abs_diff(*row) <= 1 && c.abs_diff(want) <= 1,
+            "{got}: all clicks {results:?}"
+        );
+        exact += usize::from(r == *row && c == want);
+    }
+    assert!(
+        exact >= 3,
+        "{exact} of 4 on the shifted location: {results:?}"
+    );
 }

@@ -77,6 +77,52 @@ fn imagenet_retrieval_ranks_and_caches_the_gallery() {
     assert!(out
         .join("maps/chelsea_mirror_hit-01_chelsea_a_raw.npy")
         .is_file());
+    // Contrast maps (on by default): the query against each hit relative to its other hits.
+    // The cat's plain maps w.r.t. its three hits are near-identical (DESIGN.md §1.2); its
+    // contrast maps are not. Each is saved and drawn beside the plain one.
+    let ids: Vec<String> = first["comparisons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["group"] == "chelsea_mirror")
+        .map(|c| c["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 3, "{first}");
+    let load = |id: &str, tag: &str| read_npy(&out.join(format!("maps/{id}_{tag}_raw.npy"))).1;
+    let plain: Vec<Vec<f32>> = ids.iter().map(|id| load(id, "a")).collect();
+    let contrast: Vec<Vec<f32>> = ids.iter().map(|id| load(id, "a_contrast")).collect();
+    let pairs = [(0, 1), (0, 2), (1, 2)];
+    let least_plain = pairs
+        .iter()
+        .map(|&(i, j)| pearson(&plain[i], &plain[j]))
+        .fold(f64::INFINITY, f64::min);
+    let most_contrast = pairs
+        .iter()
+        .map(|&(i, j)| pearson(&contrast[i], &contrast[j]))
+        .filter(|r| r.is_finite())
+        .fold(f64::NEG_INFINITY, f64::max);
+    println!("plain maps correlate at >= {least_plain:.3}, contrast maps at <= {most_contrast:.3}");
+    assert!(least_plain > 0.9, "{least_plain}");
+    assert!(most_contrast < 0.5, "{most_contrast}");
+    // Each contrast map is its plain map as a share of its total, minus the mean share of
+    // the other two, before the ReLU: exact here, where no plain map is clipped by its ReLU.
+    assert!(plain.iter().flatten().all(|v| *v > 0.0));
+    let shares = shares(&plain);
+    for i in 0..3 {
+        assert!(
+            contrast[i].iter().any(|v| *v > 0.0),
+            "contrast map {i} is empty"
+        );
+        for (k, c) in contrast[i].iter().enumerate() {
+            let others: f32 = (0..3).filter(|&j| j != i).map(|j| shares[j][k]).sum();
+            let want = (shares[i][k] - others / 2.0).max(0.0);
+            assert!((c - want).abs() < 1e-6, "map {i} at {k}: {c} vs {want}");
+        }
+    }
+    for id in &ids {
+        assert!(out.join(format!("overlays/{id}_a_contrast.png")).is_file());
+        assert!(!out.join(format!("maps/{id}_b_contrast_raw.npy")).exists());
+    }
 
     // Second run over the same gallery: only the queries are embedded.
     let second = run_pipeline("retrieval-imagenet.toml", &out);

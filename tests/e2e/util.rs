@@ -198,3 +198,30 @@ pub fn assert_same_outputs(single: &Path, merged: &Path) {
     );
     assert_eq!(ms["items"], mm["items"]);
 }
+
+/// The Pearson correlation of two maps.
+pub fn pearson(a: &[f32], b: &[f32]) -> f64 {
+    let n = a.len() as f64;
+    let (ma, mb) = (
+        a.iter().map(|&x| x as f64).sum::<f64>() / n,
+        b.iter().map(|&x| x as f64).sum::<f64>() / n,
+    );
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (&x, &y) in a.iter().zip(b) {
+        let (dx, dy) = (x as f64 - ma, y as f64 - mb);
+        sab += dx * dy;
+        saa += dx * dx;
+        sbb += dy * dy;
+    }
+    sab / (saa * sbb).sqrt()
+}
+
+/// Each map as a share of its total (`m / Σ m`), as contrast maps compare them.
+pub fn shares(maps: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    maps.iter()
+        .map(|m| {
+            let t: f32 = m.iter().sum();
+            m.iter().map(|v| v / t).collect()
+        })
+        .collect()
+}

@@ -5,16 +5,24 @@ use std::path::{Path, PathBuf};
 
 use fam_core::candle::Tensor;
 use fam_core::error::Result;
-use fam_core::explain::{Comparison, Explanation, ImageRecord, RunInfo};
+use fam_core::explain::{Comparison, ContrastMap, Explanation, ImageRecord, RunInfo, SaliencyMap};
 
 use crate::cache::FeatureCache;
 use crate::embed::Embedded;
-use crate::maps::{compute_maps, MapJob};
+use crate::maps::{compute_maps, contrast_maps, linear_maps, MapJob};
 use crate::output::{safe_stem, OutputDir};
 use crate::pipeline::LoadedPipeline;
 use crate::preprocess;
 use crate::report::{Counts, Failure, PartialImage, Progress, Timings};
 use crate::session::Session;
+
+/// One image's comparisons against several references (at least 2), whose query sides get
+/// contrast maps: each comparison's index with the plain job of its query side.
+pub struct ContrastGroup {
+    pub members: Vec<(usize, MapJob)>,
+    /// What a reference is, for captions: `hit`, `class`.
+    pub noun: &'static str,
+}
 
 /// A task: what a pipeline's `[task]` section runs. It embeds the images it needs through
 /// its [`TaskContext`], scores them with the similarity, asks for the maps, and writes its
@@ -75,22 +83,7 @@ impl TaskContext<'_> {
         use_head: bool,
         reference_mapped: impl Fn(&Comparison) -> bool,
     ) -> Result<()> {
-        let (h, w) = self.session.spec.input_size();
-        // In chunks, so that the batched pass's intermediate tensors stay bounded however
-        // many comparisons the task has.
-        const CHUNK: usize = 256;
-        let mut all = Vec::with_capacity(jobs.len());
-        for part in jobs.chunks(CHUNK) {
-            all.extend(compute_maps(
-                self.session.backbone.as_ref(),
-                self.p.pipeline.explain.weighting,
-                use_head,
-                maps,
-                part,
-                (h as usize, w as usize),
-            )?);
-        }
-        let mut computed = all.into_iter();
+        let mut computed = self.compute(maps, jobs, use_head)?.into_iter();
         // Each job's image is its row of `maps`; a row's per-location vectors are computed
         // once, however many comparisons it is in (a query and its hits).
         let mut rows = jobs.iter().map(|j| j.image);
@@ -105,6 +98,72 @@ impl TaskContext<'_> {
             }
             if let (Some(q), Some(r)) = (query_row, reference_row) {
                 c.correspondence = self.correspondence(maps, c, q, r, &mut located);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every job's map, in chunks, so that the batched pass's intermediate tensors stay
+    /// bounded however many comparisons the task has.
+    fn compute(&self, maps: &Tensor, jobs: &[MapJob], use_head: bool) -> Result<Vec<SaliencyMap>> {
+        let (h, w) = self.session.spec.input_size();
+        const CHUNK: usize = 256;
+        let mut all = Vec::with_capacity(jobs.len());
+        for part in jobs.chunks(CHUNK) {
+            all.extend(compute_maps(
+                self.session.backbone.as_ref(),
+                self.p.pipeline.explain.weighting,
+                use_head,
+                maps,
+                part,
+                (h as usize, w as usize),
+            )?);
+        }
+        Ok(all)
+    }
+
+    /// Whether the task should add contrast maps: `[explain] contrast_maps` is on and the
+    /// weighting depends on the reference (the mean activation does not).
+    pub fn wants_contrast_maps(&self) -> bool {
+        let explain = &self.p.pipeline.explain;
+        explain.contrast_maps && explain.weighting != fam_core::explain::Weighting::Activation
+    }
+
+    /// Computes the contrast maps of each group ([`crate::maps::contrast_maps`]) and attaches
+    /// them to the query sides of its comparisons.
+    pub fn attach_contrast_maps(
+        &self,
+        maps: &Tensor,
+        comparisons: &mut [Comparison],
+        groups: Vec<ContrastGroup>,
+        use_head: bool,
+    ) -> Result<()> {
+        let (h, w) = self.session.spec.input_size();
+        for group in groups {
+            let n = group.members.len();
+            if n < 2 {
+                continue;
+            }
+            let (at, jobs): (Vec<usize>, Vec<MapJob>) = group.members.into_iter().unzip();
+            let linear = linear_maps(
+                self.session.backbone.as_ref(),
+                self.p.pipeline.explain.weighting,
+                use_head,
+                maps,
+                &jobs,
+            )?;
+            let against = match n - 1 {
+                1 => format!("the other {}", group.noun),
+                k => format!("the other {k} {}s", group.noun),
+            };
+            for (i, map) in at
+                .into_iter()
+                .zip(contrast_maps(&linear, (h as usize, w as usize))?)
+            {
+                comparisons[i].query.contrast = Some(ContrastMap {
+                    map,
+                    against: against.clone(),
+                });
             }
         }
         Ok(())

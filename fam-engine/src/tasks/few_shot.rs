@@ -6,7 +6,7 @@ use std::time::Instant;
 use fam_core::error::{FamError, Result};
 use fam_core::explain::{rank_key, Comparison, Contrast, Explanation, Side, Target, Transform};
 
-use super::context::{Task, TaskContext, TaskOutput};
+use super::context::{ContrastGroup, Task, TaskContext, TaskOutput};
 use super::labelled::{attach_maps, labelled_sets, write_json, Labelled, PerClass, Tally};
 use crate::documents::EpisodeDocument;
 use crate::maps::MapJob;
@@ -79,6 +79,10 @@ fn run_few_shot(
     };
     let mut comparisons = Vec::new();
     let mut jobs = Vec::new();
+    // Where the maps are plain and every class is mapped, each query-class map gets its
+    // contrast map beside it.
+    let contrast_maps = contrast == Contrast::None && all_classes && ctx.wants_contrast_maps();
+    let mut contrast_groups = Vec::new();
     let mut tally = Tally::default();
     for (j, item) in q.ok.iter().enumerate() {
         let Some((qrec, e)) = item else { continue };
@@ -97,6 +101,7 @@ fn run_few_shot(
             let pred = &classes[scores[0].0];
             let qid = images[*qrec].id.clone();
             let keep = if all_classes { scores.len() } else { 1 };
+            let mut members = Vec::new();
             for (rank, &(c, score)) in scores.iter().take(keep).enumerate() {
                 let others: Vec<&[f32]> = match contrast {
                     Contrast::Others => (0..protos.len())
@@ -107,6 +112,10 @@ fn run_few_shot(
                 };
                 let job = MapJob::contrast(sim, weighting, *qrec, e, &protos[c], &others)?;
                 let distance = sim.distance(e, &protos[c])?;
+                // Without a contrast the job is the plain map's, which the contrast maps use.
+                if contrast_maps {
+                    members.push((comparisons.len(), job.clone()));
+                }
                 jobs.push(job);
                 let target = target(&protos[c], &others);
                 comparisons.push(Comparison {
@@ -118,6 +127,12 @@ fn run_few_shot(
                     group: Some(qid.clone()),
                     rank: Some(rank + 1),
                     correspondence: None,
+                });
+            }
+            if members.len() >= 2 {
+                contrast_groups.push(ContrastGroup {
+                    members,
+                    noun: "class",
                 });
             }
             // Each support image w.r.t. the query; with `contrast = "others"`, relative to
@@ -148,6 +163,7 @@ fn run_few_shot(
                         ),
                         image: Some(*srec),
                         map: None,
+                        contrast: None,
                         target: Some(target(e, &others)),
                     },
                     reference: Side::image(qid.clone(), *qrec),
@@ -170,6 +186,9 @@ fn run_few_shot(
         }
     }
     attach_maps(ctx, &emb, &mut comparisons, &jobs, exact_head)?;
+    if let Some(maps) = &emb.maps {
+        ctx.attach_contrast_maps(maps, &mut comparisons, contrast_groups, exact_head)?;
+    }
     ctx.timings.fam += ms(t);
 
     let accuracy = tally.accuracy();

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use fam_core::candle::Tensor;
 
-use super::context::{Task, TaskContext, TaskOutput, UniqueIds};
+use super::context::{ContrastGroup, Task, TaskContext, TaskOutput, UniqueIds};
 use crate::cache::{sha256_hex, FeatureCache};
 use crate::documents::{Hit, QueryRanking, RetrievalDocument};
 use crate::index::search::{self, Found, MemoryRows, Rows};
@@ -426,18 +426,21 @@ fn run_retrieval(
     let nq = q.maps.as_ref().map(|m| m.dims()[0]).unwrap_or(0);
     let mut comparisons = Vec::new();
     let mut jobs = Vec::new();
+    let mut contrast_groups = Vec::new();
+    let weighting = ctx.p.pipeline.explain.weighting;
     for (i, hits) in &rankings {
         let (Some(qr), Ok(qs)) = (query_rec[*i], &q.slot[*i]) else {
             continue;
         };
         let e = &q.embeddings[*qs];
+        // This query's explained hits: (comparison index, the query's plain map job).
+        let mut explained = Vec::new();
         for (rank, (row, score, distance)) in hits.iter().enumerate() {
             let (Some(&hr), Some(r)) = (hit_rec.get(row), hit_embedding.get(row)) else {
                 continue;
             };
             // Hit records follow the query records, in the same order as `hit_tensors`.
             let hit_index = nq + hr + hit_tensors.len() - images.len();
-            let weighting = ctx.p.pipeline.explain.weighting;
             let jq = MapJob::new(sim, weighting, *qs, e, r);
             let jh = MapJob::new(sim, weighting, hit_index, r, e);
             let (jq, jh) = match (jq, jh) {
@@ -454,6 +457,7 @@ fn run_retrieval(
                     continue;
                 }
             };
+            explained.push((comparisons.len(), jq.clone()));
             jobs.push(jq);
             jobs.push(jh);
             let (qid, hid) = (images[qr].id.clone(), images[hr].id.clone());
@@ -468,6 +472,13 @@ fn run_retrieval(
                 correspondence: None,
             });
         }
+        // The query against each hit relative to its other hits: what singles this hit out.
+        if explained.len() >= 2 && ctx.wants_contrast_maps() {
+            contrast_groups.push(ContrastGroup {
+                members: explained,
+                noun: "hit",
+            });
+        }
     }
     if !jobs.is_empty() {
         let mut all = Vec::new();
@@ -479,6 +490,7 @@ fn run_retrieval(
         }
         let maps = Tensor::cat(&all, 0).ctx("join query and hit feature maps")?;
         ctx.attach_maps(&maps, &mut comparisons, &jobs, true, |_| true)?;
+        ctx.attach_contrast_maps(&maps, &mut comparisons, contrast_groups, true)?;
     }
     ctx.timings.fam += ms(t);
 

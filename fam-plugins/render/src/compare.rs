@@ -2,7 +2,8 @@
 //! inline; no network, no external script). Both images with their FAM maps, the score, and
 //! where the comparison has a correspondence, "which part matches which": click (or move
 //! over) a location of one image and the other image shows how much each of its locations
-//! shares of the score with it, both ways.
+//! shares of the score with it, both ways. A location can be linked: `<id>.html#query=3,4`
+//! opens with row 3, column 4 of the query chosen (a click writes it into the address).
 
 use std::fmt::Write as _;
 
@@ -20,6 +21,12 @@ fn data_uri(png: &[u8]) -> String {
     )
 }
 
+/// Little-endian u32 values, base64.
+fn indices(v: &[u32]) -> String {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
 /// Little-endian f32 values, base64.
 fn floats(v: &[f32]) -> String {
     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -30,7 +37,7 @@ const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em auto;max-w
 .sides{display:flex;gap:2em;flex-wrap:wrap}.side{display:flex;flex-direction:column;gap:.5em}\
 .stack{position:relative;width:320px;height:320px;cursor:crosshair}\
 .stack img,.stack canvas{position:absolute;left:0;top:0;width:320px;height:320px;image-rendering:auto}\
-.maps img{width:156px;height:156px;margin-right:4px;border:1px solid #ddd}\
+.maprow{display:flex;gap:8px}.maps{width:156px}.maps img{width:156px;height:156px;border:1px solid #ddd}\
 .note{color:#555;font-size:.9em;max-width:60em}";
 
 /// The page of one comparison, or `None` when neither side is an image.
@@ -71,16 +78,28 @@ pub fn page(e: &Explanation, c: &Comparison, colormap: Colormap) -> Result<Optio
                     w = img.view.width,
                     hh = img.view.height,
                 );
+                let mut maps = Vec::new();
                 if let Some(m) = &side.map {
+                    maps.push((m, format!("FAM map w.r.t. {}", other.label)));
+                }
+                if let Some(k) = &side.contrast {
+                    maps.push((
+                        &k.map,
+                        format!("contrast map: {} vs {}", other.label, k.against),
+                    ));
+                }
+                h.push_str("<div class=\"maprow\">");
+                for (m, caption) in maps {
                     let over = Canvas::overlay(&img.view, &m.upsampled.normalized(), colormap, 0.5)
                         .png()?;
                     let _ = write!(
                         h,
-                        "<div class=\"maps\"><img src=\"{}\" alt=\"FAM map\"><br><small>FAM map w.r.t. {}</small></div>",
+                        "<div class=\"maps\"><img src=\"{}\" alt=\"{c}\"><br><small>{c}</small></div>",
                         data_uri(&over),
-                        esc(&other.label)
+                        c = esc(&caption)
                     );
                 }
+                h.push_str("</div>");
             }
             None => h.push_str("<p class=\"note\">not an image (a prototype or a centroid)</p>"),
         }
@@ -89,19 +108,35 @@ pub fn page(e: &Explanation, c: &Comparison, colormap: Colormap) -> Result<Optio
     h.push_str("</div>\n");
     match &c.correspondence {
         Some(k) => {
+            let kept = match &k.top {
+                Some(t) => format!(
+                    "; a map this large keeps each location's {} largest shares, the rest drawn as 0",
+                    t.k
+                ),
+                None => String::new(),
+            };
             let _ = write!(
                 h,
-                "<h2>Which part matches which</h2>\n<p class=\"note\">Click or move over a location of either image: the other image shows each of its locations' share of the score with it (the exact split of the score over pairs of feature-map locations, {}x{} against {}x{}; red: the largest, nothing drawn at or below 0). The white square marks the chosen location.</p>\n<p><label>show <select id=\"mode\"><option value=\"relative\">relative: the pair's share over the other location's whole share</option><option value=\"raw\">raw: the pair's share of the score</option></select></label></p>\n<p id=\"readout\" class=\"note\">no location chosen</p>\n",
+                "<h2>Which part matches which</h2>\n<p class=\"note\">Click or move over a location of either image: the other image shows each of its locations' share of the score with it (the exact split of the score over pairs of feature-map locations, {}x{} against {}x{}{kept}; red: the largest, nothing drawn at or below 0). The white square marks the chosen location.</p>\n<p><label>show <select id=\"mode\"><option value=\"relative\">relative: the pair's share over the other location's whole share</option><option value=\"raw\">raw: the pair's share of the score</option></select></label></p>\n<p id=\"readout\" class=\"note\">no location chosen</p>\n",
                 k.query_size.0, k.query_size.1, k.reference_size.0, k.reference_size.1
             );
+            let data = match &k.top {
+                None => format!("\"pairs\":\"{}\"", floats(&k.pairs)),
+                Some(t) => format!(
+                    "\"top\":{{\"k\":{},\"qi\":\"{}\",\"qs\":\"{}\",\"qt\":\"{}\",\"ri\":\"{}\",\"rs\":\"{}\",\"rt\":\"{}\"}}",
+                    t.k,
+                    indices(&t.query.index),
+                    floats(&t.query.share),
+                    floats(&t.query.total),
+                    indices(&t.reference.index),
+                    floats(&t.reference.share),
+                    floats(&t.reference.total)
+                ),
+            };
             let _ = write!(
                 h,
-                "<script type=\"application/json\" id=\"fam-correspondence\">{{\"query\":[{},{}],\"reference\":[{},{}],\"pairs\":\"{}\"}}</script>\n",
-                k.query_size.0,
-                k.query_size.1,
-                k.reference_size.0,
-                k.reference_size.1,
-                floats(&k.pairs)
+                "<script type=\"application/json\" id=\"fam-correspondence\">{{\"query\":[{},{}],\"reference\":[{},{}],{data}}}</script>\n",
+                k.query_size.0, k.query_size.1, k.reference_size.0, k.reference_size.1,
             );
             h.push_str(SCRIPT);
         }
@@ -119,19 +154,37 @@ pub fn page(e: &Explanation, c: &Comparison, colormap: Colormap) -> Result<Optio
 const SCRIPT: &str = r#"<script>
 (() => {
   const d = JSON.parse(document.getElementById('fam-correspondence').textContent);
-  const bin = atob(d.pairs), buf = new ArrayBuffer(bin.length), u8 = new Uint8Array(buf);
-  for (let i = 0; i < bin.length; i++) u8[i] = bin.charCodeAt(i);
-  const P = new Float32Array(buf);
+  const bytes = b64 => {
+    const bin = atob(b64), buf = new ArrayBuffer(bin.length), u8 = new Uint8Array(buf);
+    for (let i = 0; i < bin.length; i++) u8[i] = bin.charCodeAt(i);
+    return buf;
+  };
+  const f32 = b64 => new Float32Array(bytes(b64)), u32 = b64 => new Uint32Array(bytes(b64));
   const size = {query: d.query, reference: d.reference};
   const nq = d.query[0] * d.query[1], nr = d.reference[0] * d.reference[1];
   // Raw: the pair's share of the score. Relative (the default): that share over the other
   // location's whole share (its row or column sum), so that locations which share much
   // with every location do not win every choice; 0 where that whole share is <= 0.
-  const rowSum = Array.from({length: nq}, (_, i) => P.slice(i * nr, (i + 1) * nr).reduce((a, b) => a + b, 0));
-  const colSum = Array.from({length: nr}, (_, j) => { let s = 0; for (let i = 0; i < nq; i++) s += P[i * nr + j]; return s; });
-  const raw = (side, cell) => side === 'query'
-    ? Array.from({length: nr}, (_, j) => P[cell * nr + j])
-    : Array.from({length: nq}, (_, i) => P[i * nr + cell]);
+  let rowSum, colSum, raw;
+  if (d.top) {
+    // Each location's k largest shares, the rest 0; the whole shares are exact.
+    const t = d.top, k = t.k;
+    const kept = {query: [u32(t.qi), f32(t.qs), nr], reference: [u32(t.ri), f32(t.rs), nq]};
+    rowSum = Array.from(f32(t.qt));
+    colSum = Array.from(f32(t.rt));
+    raw = (side, cell) => {
+      const [index, share, n] = kept[side], out = new Array(n).fill(0);
+      for (let s = cell * k; s < (cell + 1) * k; s++) out[index[s]] = share[s];
+      return out;
+    };
+  } else {
+    const P = f32(d.pairs);
+    rowSum = Array.from({length: nq}, (_, i) => P.slice(i * nr, (i + 1) * nr).reduce((a, b) => a + b, 0));
+    colSum = Array.from({length: nr}, (_, j) => { let s = 0; for (let i = 0; i < nq; i++) s += P[i * nr + j]; return s; });
+    raw = (side, cell) => side === 'query'
+      ? Array.from({length: nr}, (_, j) => P[cell * nr + j])
+      : Array.from({length: nq}, (_, i) => P[i * nr + cell]);
+  }
   const relative = (side, cell) => raw(side, cell).map((v, k) => {
     const whole = side === 'query' ? colSum[k] : rowSum[k];
     return whole > 0 ? v / whole : 0;
@@ -176,7 +229,7 @@ const SCRIPT: &str = r#"<script>
     const rc = (s, k) => `${s}:${Math.floor(k / size[s][1])},${k % size[s][1]}`;
     document.body.dataset.selected = rc(side, cell);
     document.body.dataset.peak = rc(other, peak);
-    const r = raw(side, cell), total = r.reduce((a, b) => a + b, 0);
+    const r = raw(side, cell), total = side === 'query' ? rowSum[cell] : colSum[cell];
     document.getElementById('readout').textContent =
       `${rc(side, cell)}: its share of the score ${total.toFixed(4)}; ${mode()} peak at ${rc(other, peak)} (pair share ${r[peak].toFixed(4)})`;
   }
@@ -190,10 +243,23 @@ const SCRIPT: &str = r#"<script>
       const col = Math.min(w - 1, Math.max(0, Math.floor((ev.clientX - r.left) / r.width * w)));
       const row = Math.min(h - 1, Math.max(0, Math.floor((ev.clientY - r.top) / r.height * h)));
       select(side, row * w + col);
+      return [row, col];
     };
-    el.addEventListener('click', pick);
+    // A click also names the location in the address (`#query=3,4`), to link or reload.
+    el.addEventListener('click', ev => {
+      const [row, col] = pick(ev);
+      history.replaceState(null, '', `#${side}=${row},${col}`);
+    });
     el.addEventListener('mousemove', pick);
   }
+  const fromAddress = () => {
+    const m = /^#(query|reference)=(\d+),(\d+)$/.exec(location.hash);
+    if (!m) return;
+    const [h, w] = size[m[1]], row = +m[2], col = +m[3];
+    if (row < h && col < w) select(m[1], row * w + col);
+  };
+  window.addEventListener('hashchange', fromAddress);
+  fromAddress();
   window.famSelect = select;
   document.body.dataset.ready = '1';
 })();

@@ -3,12 +3,14 @@
 
 use fam_core::explain::Rgb8;
 
-/// DejaVu Sans (`fonts/LICENSE.md`), parsed once.
+/// DejaVu Sans (`fonts/LICENSE.md`): the panels' text and the plots'.
+const FONT_BYTES: &[u8] = include_bytes!("../fonts/DejaVuSans.ttf");
+
+/// The bundled font, parsed once.
 fn font() -> &'static ab_glyph::FontRef<'static> {
     static FONT: std::sync::OnceLock<ab_glyph::FontRef<'static>> = std::sync::OnceLock::new();
     FONT.get_or_init(|| {
-        ab_glyph::FontRef::try_from_slice(include_bytes!("../fonts/DejaVuSans.ttf"))
-            .expect("the bundled font parses")
+        ab_glyph::FontRef::try_from_slice(FONT_BYTES).expect("the bundled font parses")
     })
 }
 use fam_core::{FamError, Result};
@@ -154,8 +156,12 @@ impl Canvas {
     /// (a line takes about `7 · scale` px per character on average, less than the 8 the
     /// layouts allow).
     pub fn text(&mut self, x0: u32, y0: u32, text: &str, scale: u32, rgb: [u8; 3]) {
+        self.text_px(x0, y0, text, 11.0 * scale.max(1) as f32, rgb)
+    }
+
+    /// Draws text at `px` pixels (the font's size) with its top at `y0`.
+    pub fn text_px(&mut self, x0: u32, y0: u32, text: &str, px: f32, rgb: [u8; 3]) {
         use ab_glyph::{Font, ScaleFont};
-        let px = 11.0 * scale.max(1) as f32;
         let font = font().as_scaled(px);
         let baseline = y0 as f32 + font.ascent();
         let mut caret = x0 as f32;
@@ -186,8 +192,13 @@ impl Canvas {
 
     /// The width in pixels of `text` drawn by [`Canvas::text`] at `scale`.
     pub fn text_width(text: &str, scale: u32) -> f32 {
+        Self::text_width_px(text, 11.0 * scale.max(1) as f32)
+    }
+
+    /// The width in pixels of `text` drawn by [`Canvas::text_px`] at `px`.
+    pub fn text_width_px(text: &str, px: f32) -> f32 {
         use ab_glyph::{Font, ScaleFont};
-        let font = font().as_scaled(11.0 * scale.max(1) as f32);
+        let font = font().as_scaled(px);
         let mut width = 0.0;
         let mut previous: Option<ab_glyph::GlyphId> = None;
         for ch in text.chars() {

@@ -135,8 +135,16 @@ impl Overlay {
 
     /// The overlay of one side's map on its image.
     pub fn overlay(&self, e: &Explanation, side: &Side) -> Option<Canvas> {
+        self.overlay_of(e, side, side.map.as_ref()?)
+    }
+
+    /// The overlay of one side's contrast map on its image.
+    pub fn contrast_overlay(&self, e: &Explanation, side: &Side) -> Option<Canvas> {
+        self.overlay_of(e, side, &side.contrast.as_ref()?.map)
+    }
+
+    fn overlay_of(&self, e: &Explanation, side: &Side, map: &SaliencyMap) -> Option<Canvas> {
         let img = &e.images[side.image?];
-        let map = side.map.as_ref()?;
         Some(Canvas::overlay(
             &img.view,
             &map.upsampled.normalized(),
@@ -146,6 +154,21 @@ impl Overlay {
     }
 }
 
+/// Each side's maps with their file stems: `<id>_a`, `<id>_b`, and `<id>_a_contrast` where
+/// the query side has a contrast map.
+fn side_maps(c: &Comparison) -> Vec<(String, &Side, &SaliencyMap)> {
+    let mut v = Vec::new();
+    for (tag, side) in sides(c) {
+        if let Some(m) = &side.map {
+            v.push((format!("{}_{tag}", c.id), side, m));
+        }
+        if let Some(k) = &side.contrast {
+            v.push((format!("{}_{tag}_contrast", c.id), side, &k.map));
+        }
+    }
+    v
+}
+
 impl Renderer for Overlay {
     fn name(&self) -> String {
         "overlay".into()
@@ -153,23 +176,17 @@ impl Renderer for Overlay {
     fn render(&self, e: &Explanation, out: &mut dyn OutputSink) -> Result<()> {
         // Images are drawn and encoded in parallel, then written in order.
         use rayon::prelude::*;
-        let jobs: Vec<(String, &Side)> = e
+        // Files a resumed run already has are kept, not drawn again.
+        let jobs: Vec<(String, &Side, &SaliencyMap)> = e
             .comparisons
             .iter()
-            .flat_map(|c| {
-                sides(c)
-                    .into_iter()
-                    .map(move |(tag, side)| (format!("overlays/{}_{tag}.png", c.id), side))
-            })
-            .collect();
-        // Files a resumed run already has are kept, not drawn again.
-        let jobs: Vec<(String, &Side)> = jobs
-            .into_iter()
-            .filter(|(name, _)| !out.reuse(name))
+            .flat_map(side_maps)
+            .map(|(stem, side, map)| (format!("overlays/{stem}.png"), side, map))
+            .filter(|(name, _, _)| !out.reuse(name))
             .collect();
         let pngs: Vec<(String, Option<Result<Vec<u8>>>)> = jobs
             .into_par_iter()
-            .map(|(name, side)| (name, self.overlay(e, side).map(|c| c.png())))
+            .map(|(name, side, map)| (name, self.overlay_of(e, side, map).map(|c| c.png())))
             .collect();
         for (name, png) in pngs {
             if let Some(png) = png {
@@ -391,6 +408,7 @@ impl Panel {
             "FAM ({} weights) at {}; input: {}",
             e.info.weighting, e.info.backbone, e.info.preprocessing
         );
+        let contrast = items.iter().any(|c| c.query.contrast.is_some());
         // Maps of the query that barely depend on the hit explain the query, not each match.
         let query_maps: Vec<&[f32]> = items
             .iter()
@@ -399,11 +417,18 @@ impl Panel {
         if let Some(r) = least_correlated(&query_maps) {
             if r > NEAR_IDENTICAL {
                 sub.push_str(&format!(
-                    ". The query's maps w.r.t. these hits are near-identical (every pair correlates at r >= {r:.2}): they show what the query's match rests on, not which part matched which hit; the comparisons' pages (compare/) show the correspondence"
+                    ". The query's maps w.r.t. these hits are near-identical (every pair correlates at r >= {r:.2}): they show what the query's match rests on, not which part matched which hit; {}the comparisons' pages (compare/) show the correspondence",
+                    if contrast {
+                        "the contrast maps (second row: each hit against the others) show what differs; "
+                    } else {
+                        ""
+                    }
                 ));
             }
         }
-        let (grid, mut canvas) = Grid::new(&title, &sub, cols, 3, (tile_w, tile_h), 0);
+        // Rows: the query's maps, [its contrast maps], the hits, the hits' maps.
+        let rows = 3 + contrast as u32;
+        let (grid, mut canvas) = Grid::new(&title, &sub, cols, rows, (tile_w, tile_h), 0);
         let put = |canvas: &mut Canvas, col, row, tile: Option<Canvas>, label: String| {
             grid.put(canvas, col, row, tile.as_ref(), &label)
         };
@@ -414,8 +439,24 @@ impl Panel {
             qimg,
             format!("query {}", first.query.label),
         );
-        put(&mut canvas, 0, 1, None, "hits ->".into());
-        put(&mut canvas, 0, 2, None, "hit maps w.r.t. query".into());
+        let (hits_row, hit_maps_row) = (1 + contrast as u32, 2 + contrast as u32);
+        if contrast {
+            put(
+                &mut canvas,
+                0,
+                1,
+                None,
+                "contrast: vs the other hits ->".into(),
+            );
+        }
+        put(&mut canvas, 0, hits_row, None, "hits ->".into());
+        put(
+            &mut canvas,
+            0,
+            hit_maps_row,
+            None,
+            "hit maps w.r.t. query".into(),
+        );
         for (j, c) in items.iter().enumerate() {
             let col = 1 + j as u32;
             let rank = c.rank.unwrap_or(j + 1);
@@ -426,6 +467,15 @@ impl Panel {
                 self.0.overlay(e, &c.query).map(tile),
                 format!("map w.r.t. #{rank}"),
             );
+            if contrast {
+                put(
+                    &mut canvas,
+                    col,
+                    1,
+                    self.0.contrast_overlay(e, &c.query).map(tile),
+                    contrast_caption(&c.query, &format!("#{rank}")),
+                );
+            }
             let himg = c
                 .reference
                 .image
@@ -433,14 +483,14 @@ impl Panel {
             put(
                 &mut canvas,
                 col,
-                1,
+                hits_row,
                 himg,
                 format!("#{rank} {} {}", short_score(c), c.reference.label),
             );
             put(
                 &mut canvas,
                 col,
-                2,
+                hit_maps_row,
                 self.0.overlay(e, &c.reference).map(tile),
                 format!("#{rank} map"),
             );
@@ -501,15 +551,23 @@ impl Panel {
             .map(|c| format!("predicted {} ({})", c.reference.label, short_score(c)))
             .unwrap_or_default();
         let title = format!("query {name}: {pred}");
+        let contrast = classes.iter().any(|c| c.query.contrast.is_some());
         let sub = format!(
-            "FAM ({} weights) at {} vs class prototypes; rows below: each support image's map w.r.t. the query",
-            e.info.weighting, e.info.backbone
+            "FAM ({} weights) at {} vs class prototypes{}; rows below: each support image's map w.r.t. the query",
+            e.info.weighting,
+            e.info.backbone,
+            if contrast {
+                "; second row: the contrast maps, each class against the others"
+            } else {
+                ""
+            }
         );
+        let first_support_row = 1 + contrast as u32;
         let (grid, mut canvas) = Grid::new(
             &title,
             &sub,
             cols,
-            1 + rows.len() as u32,
+            first_support_row + rows.len() as u32,
             (tile_w, tile_h),
             0,
         );
@@ -541,9 +599,27 @@ impl Panel {
                 self.0.overlay(e, &c.query).map(tile),
                 label,
             );
+            if contrast {
+                put(
+                    &mut canvas,
+                    1 + j as u32,
+                    1,
+                    self.0.contrast_overlay(e, &c.query).map(tile),
+                    contrast_caption(&c.query, &c.reference.label),
+                );
+            }
+        }
+        if contrast {
+            put(
+                &mut canvas,
+                0,
+                1,
+                None,
+                "contrast: vs the other classes ->".into(),
+            );
         }
         for (r, (cls, items)) in rows.iter().enumerate() {
-            let row = 1 + r as u32;
+            let row = first_support_row + r as u32;
             put(&mut canvas, 0, row, None, format!("support {cls} ->"));
             for (j, c) in items.iter().enumerate() {
                 let empty = c.query.map.as_ref().is_some_and(|m| m.raw.max() <= 0.0);
@@ -623,6 +699,16 @@ impl Grid {
             label.pop();
         }
         canvas.text(x, y + self.tile.1 + 3, &label, 1, [0, 0, 0]);
+    }
+}
+
+/// The caption of a contrast map: `#2 vs the other 4 hits`, or that it is empty (nothing in
+/// the image favours this reference over the others, an answer in itself).
+fn contrast_caption(side: &Side, what: &str) -> String {
+    match &side.contrast {
+        Some(k) if k.map.raw.max() <= 0.0 => format!("{what}: empty (nothing favours it)"),
+        Some(k) => format!("{what} vs {}", k.against),
+        None => String::new(),
     }
 }
 
@@ -717,24 +803,60 @@ fn write_npy(out: &mut dyn OutputSink, stem: &str, m: &SaliencyMap) -> Result<()
     )
 }
 
+/// A correspondence as `.npy`: `correspondence/<id>.npy`, `[h_q, w_q, h_r, w_r]`, the share
+/// of the score of each pair of locations; or, kept as top shares, per side (`query`,
+/// `reference`) `<id>_top_<side>_index.npy` (u32 `[h, w, k]`: the other image's locations,
+/// row-major, largest share first), `_share.npy` (f32 `[h, w, k]`) and `_total.npy` (f32
+/// `[h, w]`: each location's whole share).
+fn write_correspondence(
+    out: &mut dyn OutputSink,
+    id: &str,
+    k: &fam_core::records::Correspondence,
+) -> Result<()> {
+    let (q, r) = (k.query_size, k.reference_size);
+    let Some(top) = &k.top else {
+        let name = format!("correspondence/{id}.npy");
+        if !out.reuse(&name) {
+            out.write(&name, &npy_f32(&[q.0, q.1, r.0, r.1], &k.pairs))?;
+        }
+        return Ok(());
+    };
+    for (side, size, shares) in [("query", q, &top.query), ("reference", r, &top.reference)] {
+        let stem = format!("correspondence/{id}_top_{side}");
+        let files = [
+            (
+                format!("{stem}_index.npy"),
+                fam_core::output::npy_u32(&[size.0, size.1, top.k], &shares.index),
+            ),
+            (
+                format!("{stem}_share.npy"),
+                npy_f32(&[size.0, size.1, top.k], &shares.share),
+            ),
+            (
+                format!("{stem}_total.npy"),
+                npy_f32(&[size.0, size.1], &shares.total),
+            ),
+        ];
+        for (name, bytes) in files {
+            if !out.reuse(&name) {
+                out.write(&name, &bytes)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Renderer for Npy {
     fn name(&self) -> String {
         "npy".into()
     }
     fn render(&self, e: &Explanation, out: &mut dyn OutputSink) -> Result<()> {
         for c in &e.comparisons {
-            for (tag, side) in sides(c) {
-                if let Some(m) = &side.map {
-                    write_npy(out, &format!("{}_{tag}", c.id), m)?;
-                }
+            for (stem, _, m) in side_maps(c) {
+                write_npy(out, &stem, m)?;
             }
-            // `[h_q, w_q, h_r, w_r]`: the share of the score of each pair of locations.
             if let Some(k) = &c.correspondence {
-                let name = format!("correspondence/{}.npy", c.id);
-                if !out.reuse(&name) {
-                    let (q, r) = (k.query_size, k.reference_size);
-                    out.write(&name, &npy_f32(&[q.0, q.1, r.0, r.1], &k.pairs))?;
-                }
+                write_correspondence(out, &c.id, k)?;
             }
         }
         Ok(())

@@ -182,7 +182,15 @@ pub fn page(data: &ReportData, files: &[String]) -> String {
                 })
                 .collect();
             for f in files_of(files, "correspondence", &c.id) {
-                maps.push(format!("<a href=\"{}\">correspondence.npy</a>", esc(f)));
+                // `<id>.npy`, or the top shares' `<id>_top_query_index.npy`, ...
+                let s = stem(f);
+                let part = s.strip_prefix(&format!("{}_", c.id)).unwrap_or("");
+                let label = if part.is_empty() {
+                    "correspondence".to_string()
+                } else {
+                    format!("correspondence_{part}")
+                };
+                maps.push(format!("<a href=\"{}\">{}.npy</a>", esc(f), esc(&label)));
             }
             // The comparison's own page, where the html renderer wrote one.
             let name = match files_of(files, "compare", &c.id).first() {

@@ -231,6 +231,11 @@ fn contrast_maps_stand_beside_plain_maps() {
         for (i, id) in ids.iter().enumerate() {
             let contrast = load("plain", id, "a_contrast");
             assert_eq!(contrast.len(), 49);
+            let page = std::fs::read_to_string(dir.join(format!("plain/compare/{id}.html")));
+            assert!(
+                page.unwrap().contains("vs the other 4 classes"),
+                "{id}: the comparison's page shows the contrast map"
+            );
             differ += usize::from(contrast != plain[i]);
             if unclipped {
                 for k in 0..49 {

@@ -20,8 +20,8 @@ use crate::session::Session;
 /// contrast maps: each comparison's index with the plain job of its query side.
 pub struct ContrastGroup {
     pub members: Vec<(usize, MapJob)>,
-    /// What a reference is, for captions: `hit`, `class`.
-    pub noun: &'static str,
+    /// What a reference is, for captions, one and several: `("hit", "hits")`.
+    pub noun: (&'static str, &'static str),
 }
 
 /// A task: what a pipeline's `[task]` section runs. It embeds the images it needs through
@@ -153,8 +153,8 @@ impl TaskContext<'_> {
                 &jobs,
             )?;
             let against = match n - 1 {
-                1 => format!("the other {}", group.noun),
-                k => format!("the other {k} {}s", group.noun),
+                1 => format!("the other {}", group.noun.0),
+                k => format!("the other {k} {}", group.noun.1),
             };
             for (i, map) in at
                 .into_iter()

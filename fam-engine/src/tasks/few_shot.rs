@@ -132,7 +132,7 @@ fn run_few_shot(
             if members.len() >= 2 {
                 contrast_groups.push(ContrastGroup {
                     members,
-                    noun: "class",
+                    noun: ("class", "classes"),
                 });
             }
             // Each support image w.r.t. the query; with `contrast = "others"`, relative to

@@ -476,7 +476,7 @@ fn run_retrieval(
         if explained.len() >= 2 && ctx.wants_contrast_maps() {
             contrast_groups.push(ContrastGroup {
                 members: explained,
-                noun: "hit",
+                noun: ("hit", "hits"),
             });
         }
     }

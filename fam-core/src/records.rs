@@ -333,17 +333,27 @@ pub struct Explanation {
     pub comparisons: Vec<Comparison>,
 }
 
-/// A mean over items with its 95% bootstrap interval.
+/// A mean over items with its 95% bootstrap interval (NaN where no item is defined, which
+/// JSON writes as `null` and reads back as NaN).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Estimate {
+    #[serde(deserialize_with = "nan_if_null")]
     pub mean: f32,
     /// The 2.5th and 97.5th percentiles of the mean over bootstrap resamples of the items.
+    #[serde(deserialize_with = "nan_if_null")]
     pub lo: f32,
+    #[serde(deserialize_with = "nan_if_null")]
     pub hi: f32,
     /// Items the mean is taken over.
     pub n: usize,
     /// Items for which the value is undefined, left out of the mean and counted here.
     pub undefined: usize,
+}
+
+/// An `f32` that JSON may hold as `null` (serde_json writes NaN so): NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f32, D::Error> {
+    use serde::Deserialize;
+    Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
 }
 
 impl Estimate {
@@ -517,5 +527,35 @@ impl ReportRow {
             group: c.group.clone(),
             rank: c.rank,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_undefined_estimate_survives_json() {
+        let e = Estimate {
+            mean: f32::NAN,
+            lo: f32::NAN,
+            hi: f32::NAN,
+            n: 0,
+            undefined: 7,
+        };
+        let text = serde_json::to_string(&e).unwrap();
+        assert!(text.contains("\"mean\":null"), "{text}");
+        let back: Estimate = serde_json::from_str(&text).unwrap();
+        assert!(back.mean.is_nan() && back.lo.is_nan() && back.hi.is_nan());
+        assert_eq!((back.n, back.undefined), (0, 7));
+        let d = Estimate {
+            mean: 0.5,
+            lo: 0.25,
+            hi: 0.75,
+            n: 3,
+            undefined: 0,
+        };
+        let text = serde_json::to_string(&d).unwrap();
+        assert_eq!(serde_json::from_str::<Estimate>(&text).unwrap(), d);
     }
 }

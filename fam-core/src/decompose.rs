@@ -184,18 +184,22 @@ pub fn top_shares(
     let mut column_min = vec![f32::NEG_INFINITY; nr];
     let mut column_total = vec![0f64; nr];
     const BLOCK: usize = 256;
+    // One row's shares and their order, reused from row to row.
     let mut order: Vec<u32> = Vec::with_capacity(nr);
+    let mut shares: Vec<f32> = Vec::with_capacity(nr);
     for start in (0..ne).step_by(BLOCK) {
         let rows = BLOCK.min(ne - start);
         let eb = Tensor::from_slice(&e.data[start * d..(start + rows) * d], (rows, d), &device)?;
         let cross: Vec<f32> = eb.matmul(&rt)?.flatten_all()?.to_vec1()?;
         for ii in 0..rows {
             let i = start + ii;
-            let shares: Vec<f32> = cross[ii * nr..(ii + 1) * nr]
-                .iter()
-                .zip(&b)
-                .map(|(x, bj)| form.cross * x + a[i] + bj)
-                .collect();
+            shares.clear();
+            shares.extend(
+                cross[ii * nr..(ii + 1) * nr]
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, bj)| form.cross * x + a[i] + bj),
+            );
             query
                 .total
                 .push(shares.iter().map(|&v| v as f64).sum::<f64>() as f32);
